@@ -1,0 +1,279 @@
+"""Write, read and publish prepared records (the folder layout of ``docs/records.md``).
+
+Files are written to a temporary name in the same folder and renamed into place, so a crash
+never leaves a half-written split; ``metadata.json`` and the dataset card come last, so a
+folder with a card is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from data_preparation import SPLITS, PreparedRecords
+
+
+logger = logging.getLogger(__name__)
+
+RECORD_FEATURES = datasets.Features(
+    {
+        "UserID": datasets.Value("int64"),
+        "HisItemIDs": datasets.List(datasets.Value("int64")),
+        "HisItemTitles": datasets.List(datasets.Value("string")),
+        "HisItemLabels": datasets.List(datasets.Value("int64")),
+        "TargetItemID": datasets.Value("int64"),
+        "TargetItemTitle": datasets.Value("string"),
+        "label": datasets.Value("int64"),
+        "reason": datasets.Value("string"),
+        "mode": datasets.Value("string"),
+        "not_cold": datasets.Value("int64"),
+        "timestamp": datasets.Value("int64"),
+    }
+)
+ITEM_FEATURES = datasets.Features(
+    {
+        "ItemID": datasets.Value("int64"),
+        "original_id": datasets.Value("string"),
+        "title": datasets.Value("string"),
+        "genres": datasets.Value("string"),
+        "description": datasets.Value("string"),
+    }
+)
+USER_FEATURES = datasets.Features({"UserID": datasets.Value("int64"), "original_id": datasets.Value("string")})
+CANDIDATE_FEATURES = datasets.Features(
+    {
+        "UserID": datasets.Value("int64"),
+        "TargetItemID": datasets.Value("int64"),
+        "CandidateItemIDs": datasets.List(datasets.Value("int64")),
+    }
+)
+EMBEDDING_COLUMNS = ("User_emb", "TargetItem_emb", "History_embs")
+OUTPUT_FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Run ``write(temp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def write_table(table: pa.Table, path: Path, features: datasets.Features, output_format: str) -> None:
+    """Write one table atomically as Parquet (with the HF features in its schema) or JSON lines."""
+    table = table.cast(features.arrow_schema)
+    if output_format == "parquet":
+        _atomic_write(path, lambda temp: pq.write_table(table, temp))
+    elif output_format == "jsonl":
+        frame = table.to_pandas()
+        _atomic_write(path, lambda temp: frame.to_json(temp, orient="records", lines=True, force_ascii=False))
+    else:
+        raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
+
+
+def write_json(payload: dict, path: Path) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    _atomic_write(path, write)
+
+
+def record_features(embedding_dims: Optional[dict[str, int]] = None) -> datasets.Features:
+    """Record features, plus fixed-length float32 embedding columns when they are exported."""
+    features = datasets.Features(dict(RECORD_FEATURES))
+    if embedding_dims:
+        dim = embedding_dims["dim"]
+        features["User_emb"] = datasets.List(datasets.Value("float32"), length=dim)
+        features["TargetItem_emb"] = datasets.List(datasets.Value("float32"), length=dim)
+        features["History_embs"] = datasets.List(datasets.List(datasets.Value("float32"), length=dim))
+    return features
+
+
+def _features_yaml(features: datasets.Features) -> list[dict]:
+    return datasets.DatasetInfo(features=features)._to_yaml_dict()["features"]
+
+
+def dataset_card(records: PreparedRecords, output_format: str, features: datasets.Features) -> str:
+    """The folder's ``README.md``: YAML ``configs`` (splits and side tables) and a short description."""
+    suffix = OUTPUT_FORMATS[output_format]
+    configs = [
+        {
+            "config_name": "default",
+            "default": True,
+            "data_files": [{"split": split, "path": f"data/{split}{suffix}"} for split in SPLITS],
+        },
+        {"config_name": "items", "data_files": [{"split": "train", "path": f"items{suffix}"}]},
+        {"config_name": "users", "data_files": [{"split": "train", "path": f"users{suffix}"}]},
+    ]
+    infos = [
+        {"config_name": "default", "features": _features_yaml(features)},
+        {"config_name": "items", "features": _features_yaml(ITEM_FEATURES)},
+        {"config_name": "users", "features": _features_yaml(USER_FEATURES)},
+    ]
+    if records.candidates is not None:
+        configs.append({"config_name": "candidates", "data_files": [{"split": "test", "path": f"candidates/test{suffix}"}]})
+        infos.append({"config_name": "candidates", "features": _features_yaml(CANDIDATE_FEATURES)})
+    header = yaml.safe_dump({"configs": configs, "dataset_info": infos, "tags": ["recommendation", "thinkrec"]}, sort_keys=False)
+    meta = records.metadata
+    rows = "\n".join(f"| {split} | {meta['rows'][split]:,} | {meta['positive_rate'][split]:.3f} |" for split in SPLITS)
+    return f"""---
+{header}---
+
+# ThinkRec records: {meta['source']}
+
+Prepared by `prepare_data.py` of the ThinkRec repository. One row per (user, target item); the
+columns are documented in the repository's `docs/records.md`.
+
+| split | rows | positive rate |
+|---|---|---|
+{rows}
+
+Users: {meta['num_users'] - 1:,}; items: {meta['num_items'] - 1:,} (ids start at 1, 0 is padding).
+History: last {meta['max_history']} items, mode `{meta['history_mode']}`; split: `{meta['split_mode']}`.
+
+```python
+from datasets import load_dataset
+records = load_dataset("<this folder or repo>")          # train / validation / test
+items = load_dataset("<this folder or repo>", "items")   # item table
+```
+"""
+
+
+def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike | str) -> dict[str, int]:
+    """Add ``User_emb``, ``TargetItem_emb``, ``History_embs`` float32 columns from a CF checkpoint.
+
+    The vectors come from the frozen tables of ``train_collaborative.py``'s checkpoint; for
+    SASRec the user vector is the encoding of the row's positive history.
+    """
+    import torch
+
+    from collaborative_models import check_ids_fit, load_cf_checkpoint
+
+    cf = load_cf_checkpoint(cf_checkpoint_dir)
+    check_ids_fit(cf, records.metadata["num_users"] - 1, records.metadata["num_items"] - 1, source=str(cf_checkpoint_dir))
+    item_table = cf.item_table.detach().to(torch.float32).numpy()
+    dim = item_table.shape[1]
+    for split, table in records.splits.items():
+        history = table["HisItemIDs"].combine_chunks()
+        offsets = history.offsets.to_numpy()
+        history_values = history.values.to_numpy()
+        if cf.user_table is not None:
+            users = cf.user_table.detach().to(torch.float32).numpy()[table["UserID"].to_numpy()]
+        else:
+            labels = table["HisItemLabels"].combine_chunks().values.to_numpy()
+            lengths = np.diff(offsets)
+            width = max(int(lengths.max()) if len(lengths) else 0, 1)
+            padded = np.zeros((len(lengths), width), dtype=np.int64)
+            row = np.repeat(np.arange(len(lengths)), lengths)
+            column = width - lengths[row] + (np.arange(len(history_values)) - offsets[:-1][row])
+            padded[row, column] = np.where(labels == 1, history_values, 0)
+            with torch.no_grad():
+                cf.sequence_encoder.eval()
+                users = torch.cat(
+                    [cf.sequence_encoder.encode(torch.from_numpy(chunk)) for chunk in np.array_split(padded, max(1, len(padded) // 4096))]
+                ).numpy()
+        flat_users = pa.array(users.astype(np.float32).reshape(-1))
+        flat_targets = pa.array(item_table[table["TargetItemID"].to_numpy()].astype(np.float32).reshape(-1))
+        flat_history = pa.array(item_table[history_values].astype(np.float32).reshape(-1))
+        vector = lambda flat, n: pa.FixedSizeListArray.from_arrays(flat, dim)  # noqa: E731
+        history_vectors = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), vector(flat_history, len(history_values)))
+        table = table.append_column("User_emb", vector(flat_users, table.num_rows))
+        table = table.append_column("TargetItem_emb", vector(flat_targets, table.num_rows))
+        records.splits[split] = table.append_column("History_embs", history_vectors)
+    records.metadata["embeddings"] = {"source": str(cf_checkpoint_dir), "model_type": cf.model_type, "dim": dim}
+    return {"dim": dim}
+
+
+def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, output_format: str = "parquet") -> Path:
+    """Write splits, side tables, metadata and the dataset card into ``output_dir``."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
+    output_dir = Path(output_dir)
+    suffix = OUTPUT_FORMATS[output_format]
+    features = record_features(records.metadata.get("embeddings"))
+    for split in SPLITS:
+        write_table(records.splits[split], output_dir / "data" / f"{split}{suffix}", features, output_format)
+    write_table(pa.Table.from_pandas(records.items, preserve_index=False), output_dir / f"items{suffix}", ITEM_FEATURES, output_format)
+    write_table(pa.Table.from_pandas(records.users, preserve_index=False), output_dir / f"users{suffix}", USER_FEATURES, output_format)
+    if records.candidates is not None:
+        write_table(records.candidates, output_dir / "candidates" / f"test{suffix}", CANDIDATE_FEATURES, output_format)
+    metadata = dict(records.metadata, output_format=output_format)
+    write_json(metadata, output_dir / "metadata.json")
+    card = dataset_card(records, output_format, features)
+    _atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    return output_dir
+
+
+@dataclass
+class LoadedRecords:
+    """A prepared folder as pandas frames: ``splits[name]``, ``items``, ``users``, ``metadata``."""
+
+    splits: dict[str, pd.DataFrame]
+    items: pd.DataFrame
+    users: pd.DataFrame
+    metadata: dict
+    candidates: Optional[pd.DataFrame] = None
+
+
+def _read_frame(path: Path, output_format: str) -> pd.DataFrame:
+    if output_format == "parquet":
+        return pd.read_parquet(path)
+    return pd.read_json(path, lines=True, dtype=False)
+
+
+def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
+    """Read a folder written by :func:`save_prepared` (or ``prepare_data.py``) into pandas frames."""
+    directory = Path(directory)
+    metadata_path = directory / "metadata.json"
+    if not metadata_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a prepared records folder (no metadata.json). Run prepare_data.py --output_dir {directory} first."
+        )
+    metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    output_format = metadata.get("output_format", "parquet")
+    suffix = OUTPUT_FORMATS[output_format]
+    splits = {split: _read_frame(directory / "data" / f"{split}{suffix}", output_format) for split in SPLITS}
+    candidates_path = directory / "candidates" / f"test{suffix}"
+    return LoadedRecords(
+        splits=splits,
+        items=_read_frame(directory / f"items{suffix}", output_format),
+        users=_read_frame(directory / f"users{suffix}", output_format),
+        metadata=metadata,
+        candidates=_read_frame(candidates_path, output_format) if candidates_path.is_file() else None,
+    )
+
+
+def push_prepared_to_hub(directory: os.PathLike | str, repo_id: str, private: bool = False, token: Optional[str] = None) -> None:
+    """Upload a prepared folder with the ``datasets`` push API: splits as the default config,
+    items / users (and candidates) as named configs. The token comes from the argument or the
+    ``HF_TOKEN`` environment variable and is never logged."""
+    token = token or os.environ.get("HF_TOKEN")
+    directory = Path(directory)
+    records = datasets.load_dataset(str(directory))
+    records.push_to_hub(repo_id, private=private, token=token, commit_message="Upload ThinkRec records")
+    for config in ("items", "users", "candidates"):
+        if config == "candidates" and not (directory / "candidates").is_dir():
+            continue
+        side = datasets.load_dataset(str(directory), config)
+        side.push_to_hub(repo_id, config_name=config, private=private, token=token, commit_message=f"Upload {config} table")
+    logger.info("pushed %s to the Hub as %s", directory, repo_id)
