@@ -7,6 +7,7 @@ folder with a card is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from huggingface_hub import HfApi
 
 from data_preparation import SPLITS, PreparedRecords
 
@@ -77,16 +79,35 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_table(table: pa.Table, path: Path, features: datasets.Features, output_format: str) -> None:
-    """Write one table atomically as Parquet (with the HF features in its schema) or JSON lines."""
-    table = table.cast(features.arrow_schema)
-    if output_format == "parquet":
-        _atomic_write(path, lambda temp: pq.write_table(table, temp))
-    elif output_format == "jsonl":
-        frame = table.to_pandas()
-        _atomic_write(path, lambda temp: frame.to_json(temp, orient="records", lines=True, force_ascii=False))
-    else:
+def write_table(table: pa.Table, directory: Path, stem: str, features: datasets.Features, output_format: str) -> str:
+    """Write one table atomically as Parquet (HF features in its schema) or JSON lines.
+
+    The file is named after its content (``train-<sha256[:12]>.parquet``): ``datasets`` caches a
+    local folder by its card and file *names*, so a folder prepared again with new content must
+    get new names to never be served stale from the cache. Returns the file name.
+    """
+    if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
+    table = table.cast(features.arrow_schema)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        if output_format == "parquet":
+            pq.write_table(table, temp)
+        else:
+            table.to_pandas().to_json(temp, orient="records", lines=True, force_ascii=False)
+        digest = hashlib.sha256()
+        with open(temp, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        name = f"{stem}-{digest.hexdigest()[:12]}{OUTPUT_FORMATS[output_format]}"
+        os.replace(temp, directory / name)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+    return name
 
 
 def write_json(payload: dict, path: Path) -> None:
@@ -113,17 +134,16 @@ def _features_yaml(features: datasets.Features) -> list[dict]:
     return datasets.DatasetInfo(features=features)._to_yaml_dict()["features"]
 
 
-def dataset_card(records: PreparedRecords, output_format: str, features: datasets.Features) -> str:
+def dataset_card(records: PreparedRecords, files: dict[str, str], features: datasets.Features) -> str:
     """The folder's ``README.md``: YAML ``configs`` (splits and side tables) and a short description."""
-    suffix = OUTPUT_FORMATS[output_format]
     configs = [
         {
             "config_name": "default",
             "default": True,
-            "data_files": [{"split": split, "path": f"data/{split}{suffix}"} for split in SPLITS],
+            "data_files": [{"split": split, "path": files[split]} for split in SPLITS],
         },
-        {"config_name": "items", "data_files": [{"split": "train", "path": f"items{suffix}"}]},
-        {"config_name": "users", "data_files": [{"split": "train", "path": f"users{suffix}"}]},
+        {"config_name": "items", "data_files": [{"split": "train", "path": files["items"]}]},
+        {"config_name": "users", "data_files": [{"split": "train", "path": files["users"]}]},
     ]
     infos = [
         {"config_name": "default", "features": _features_yaml(features)},
@@ -131,7 +151,7 @@ def dataset_card(records: PreparedRecords, output_format: str, features: dataset
         {"config_name": "users", "features": _features_yaml(USER_FEATURES)},
     ]
     if records.candidates is not None:
-        configs.append({"config_name": "candidates", "data_files": [{"split": "test", "path": f"candidates/test{suffix}"}]})
+        configs.append({"config_name": "candidates", "data_files": [{"split": "test", "path": files["candidates"]}]})
         infos.append({"config_name": "candidates", "features": _features_yaml(CANDIDATE_FEATURES)})
     header = yaml.safe_dump({"configs": configs, "dataset_info": infos, "tags": ["recommendation", "thinkrec"]}, sort_keys=False)
     meta = records.metadata
@@ -177,9 +197,10 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
         history = table["HisItemIDs"].combine_chunks()
         offsets = history.offsets.to_numpy()
         history_values = history.values.to_numpy()
-        if cf.user_table is not None:
-            users = cf.user_table.detach().to(torch.float32).numpy()[table["UserID"].to_numpy()]
+        if cf.sequence_encoder is None:
+            users = cf.user_vectors(user_ids=torch.from_numpy(table["UserID"].to_numpy().copy())).to(torch.float32).numpy()
         else:
+            # SASRec reads the positive history, left-padded (most recent item last).
             labels = table["HisItemLabels"].combine_chunks().values.to_numpy()
             lengths = np.diff(offsets)
             width = max(int(lengths.max()) if len(lengths) else 0, 1)
@@ -188,39 +209,43 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
             column = width - lengths[row] + (np.arange(len(history_values)) - offsets[:-1][row])
             padded[row, column] = np.where(labels == 1, history_values, 0)
             with torch.no_grad():
-                cf.sequence_encoder.eval()
-                users = torch.cat(
-                    [cf.sequence_encoder.encode(torch.from_numpy(chunk)) for chunk in np.array_split(padded, max(1, len(padded) // 4096))]
-                ).numpy()
+                chunks = np.array_split(padded, max(1, len(padded) // 4096))
+                users = torch.cat([cf.user_vectors(history_ids=torch.from_numpy(chunk)) for chunk in chunks]).numpy()
         flat_users = pa.array(users.astype(np.float32).reshape(-1))
         flat_targets = pa.array(item_table[table["TargetItemID"].to_numpy()].astype(np.float32).reshape(-1))
         flat_history = pa.array(item_table[history_values].astype(np.float32).reshape(-1))
-        vector = lambda flat, n: pa.FixedSizeListArray.from_arrays(flat, dim)  # noqa: E731
-        history_vectors = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), vector(flat_history, len(history_values)))
-        table = table.append_column("User_emb", vector(flat_users, table.num_rows))
-        table = table.append_column("TargetItem_emb", vector(flat_targets, table.num_rows))
+        history_vectors = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.FixedSizeListArray.from_arrays(flat_history, dim))
+        table = table.append_column("User_emb", pa.FixedSizeListArray.from_arrays(flat_users, dim))
+        table = table.append_column("TargetItem_emb", pa.FixedSizeListArray.from_arrays(flat_targets, dim))
         records.splits[split] = table.append_column("History_embs", history_vectors)
     records.metadata["embeddings"] = {"source": str(cf_checkpoint_dir), "model_type": cf.model_type, "dim": dim}
     return {"dim": dim}
 
 
 def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, output_format: str = "parquet") -> Path:
-    """Write splits, side tables, metadata and the dataset card into ``output_dir``."""
+    """Write splits, side tables, metadata and the dataset card into ``output_dir``.
+
+    Order: data files (new names), ``metadata.json``, ``README.md``, then files of an earlier
+    preparation are removed. At every moment the card points to complete files.
+    """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
     output_dir = Path(output_dir)
-    suffix = OUTPUT_FORMATS[output_format]
     features = record_features(records.metadata.get("embeddings"))
-    for split in SPLITS:
-        write_table(records.splits[split], output_dir / "data" / f"{split}{suffix}", features, output_format)
-    write_table(pa.Table.from_pandas(records.items, preserve_index=False), output_dir / f"items{suffix}", ITEM_FEATURES, output_format)
-    write_table(pa.Table.from_pandas(records.users, preserve_index=False), output_dir / f"users{suffix}", USER_FEATURES, output_format)
+    files = {split: "data/" + write_table(records.splits[split], output_dir / "data", split, features, output_format) for split in SPLITS}
+    for name, frame, table_features in (("items", records.items, ITEM_FEATURES), ("users", records.users, USER_FEATURES)):
+        files[name] = write_table(pa.Table.from_pandas(frame, preserve_index=False), output_dir, name, table_features, output_format)
     if records.candidates is not None:
-        write_table(records.candidates, output_dir / "candidates" / f"test{suffix}", CANDIDATE_FEATURES, output_format)
-    metadata = dict(records.metadata, output_format=output_format)
+        files["candidates"] = "candidates/" + write_table(records.candidates, output_dir / "candidates", "test", CANDIDATE_FEATURES, output_format)
+    metadata = dict(records.metadata, output_format=output_format, files=files)
     write_json(metadata, output_dir / "metadata.json")
-    card = dataset_card(records, output_format, features)
+    card = dataset_card(records, files, features)
     _atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    current = {output_dir / path for path in files.values()}
+    for pattern in ("data/*", "items-*", "users-*", "candidates/*"):
+        for stale in output_dir.glob(pattern):
+            if stale not in current and stale.suffix in OUTPUT_FORMATS.values():
+                stale.unlink()
     return output_dir
 
 
@@ -250,16 +275,17 @@ def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
             f"{directory} is not a prepared records folder (no metadata.json). Run prepare_data.py --output_dir {directory} first."
         )
     metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    output_format = metadata.get("output_format", "parquet")
-    suffix = OUTPUT_FORMATS[output_format]
-    splits = {split: _read_frame(directory / "data" / f"{split}{suffix}", output_format) for split in SPLITS}
-    candidates_path = directory / "candidates" / f"test{suffix}"
+    output_format, files = metadata.get("output_format", "parquet"), metadata.get("files", {})
+    missing = [name for name in (*SPLITS, "items", "users") if name not in files or not (directory / files[name]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{metadata_path}: files for {missing} are missing; prepare the folder again.")
+    read = lambda name: _read_frame(directory / files[name], output_format)  # noqa: E731
     return LoadedRecords(
-        splits=splits,
-        items=_read_frame(directory / f"items{suffix}", output_format),
-        users=_read_frame(directory / f"users{suffix}", output_format),
+        splits={split: read(split) for split in SPLITS},
+        items=read("items"),
+        users=read("users"),
         metadata=metadata,
-        candidates=_read_frame(candidates_path, output_format) if candidates_path.is_file() else None,
+        candidates=read("candidates") if "candidates" in files else None,
     )
 
 
@@ -276,4 +302,12 @@ def push_prepared_to_hub(directory: os.PathLike | str, repo_id: str, private: bo
             continue
         side = datasets.load_dataset(str(directory), config)
         side.push_to_hub(repo_id, config_name=config, private=private, token=token, commit_message=f"Upload {config} table")
+    # Table sizes, split settings and the filter report travel with the data.
+    HfApi(token=token).upload_file(
+        path_or_fileobj=str(directory / "metadata.json"),
+        path_in_repo="metadata.json",
+        repo_id=repo_id,
+        repo_type="dataset",
+        commit_message="Upload preparation metadata",
+    )
     logger.info("pushed %s to the Hub as %s", directory, repo_id)
