@@ -1,0 +1,260 @@
+"""Collaborative encoders, their training loop, checkpoints and train_collaborative.py end to end."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+import train_collaborative
+from collaborative_models import (
+    LightGCN,
+    MatrixFactorization,
+    SASRec,
+    check_ids_fit,
+    checkpoint_from_model,
+    load_cf_checkpoint,
+    save_cf_checkpoint,
+)
+from collaborative_training import (
+    FitConfig,
+    build_model,
+    history_matrix,
+    score_split,
+    set_seed,
+    split_from_records,
+    train_pointwise,
+)
+from metrics import roc_auc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_USERS, NUM_ITEMS = 41, 61  # ids 1..40 and 1..60; row 0 is padding
+
+
+def synthetic_records(seed: int = 0, rows_per_user: int = 24) -> dict[str, pd.DataFrame]:
+    """Records (docs/records.md columns) where a user likes exactly the items of its own parity.
+
+    Histories hold the user's earlier positives, so SASRec can read the parity from them too.
+    Rows are split at random, so validation/test pairs are unseen in train.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(1, NUM_USERS):
+        items = rng.choice(np.arange(1, NUM_ITEMS), size=rows_per_user, replace=False)
+        liked = []
+        for item in items:
+            label = int(item % 2 == user % 2)
+            rows.append({
+                "UserID": user,
+                "HisItemIDs": list(liked[-10:]),
+                "HisItemTitles": [f"item {i}" for i in liked[-10:]],
+                "HisItemLabels": [1] * len(liked[-10:]),
+                "TargetItemID": int(item),
+                "TargetItemTitle": f"item {item}",
+                "label": label,
+                "reason": "",
+                "mode": "rec",
+                "not_cold": 1,
+                "timestamp": len(rows),
+            })
+            if label:
+                liked.append(int(item))
+    frame = pd.DataFrame(rows)
+    split_of = rng.choice(["train", "validation", "test"], size=len(frame), p=[0.7, 0.15, 0.15])
+    frames = {name: frame[split_of == name].reset_index(drop=True) for name in ("train", "validation", "test")}
+    frames["test"].loc[frames["test"].index % 5 == 0, "not_cold"] = 0
+    return frames
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records()
+
+
+def splits_for(records, max_len=None):
+    return {name: split_from_records(frame, name, max_len) for name, frame in records.items()}
+
+
+FAST_FIT = FitConfig(learning_rate=1e-2, weight_decay=0.0, batch_size=128, max_epochs=40, patience=5, seed=0)
+
+
+def train_small(model_type, records, **fit_overrides):
+    splits = splits_for(records, max_len=10 if model_type == "sasrec" else None)
+    set_seed(0)
+    model = build_model(model_type, NUM_USERS, NUM_ITEMS, 16, splits["train"], max_len=10, dropout=0.1)
+    fit = train_pointwise(model, splits["train"], splits["validation"], FitConfig(**{**FAST_FIT.__dict__, **fit_overrides}))
+    return model, splits, fit
+
+
+@pytest.mark.parametrize("model_type", ["mf", "lightgcn", "sasrec"])
+def test_encoder_learns_held_out_signal_and_round_trips(model_type, records, tmp_path):
+    model, splits, fit = train_small(model_type, records)
+    test_scores = score_split(model, splits["test"])
+    assert roc_auc(splits["test"].labels.numpy(), test_scores) > 0.8
+    assert fit.best_valid_auc == max(fit.valid_auc_history)
+
+    save_cf_checkpoint(checkpoint_from_model(model, num_users=NUM_USERS, config={"note": "test"}), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["cf_config.json", "model.safetensors"]  # no temp files left
+    loaded = load_cf_checkpoint(tmp_path)
+    assert loaded.model_type == model_type and loaded.num_items == NUM_ITEMS and loaded.config["note"] == "test"
+    test = splits["test"]
+    with torch.no_grad():
+        if model_type == "sasrec":
+            users = loaded.user_vectors(history_ids=test.history_ids)
+        else:
+            users = loaded.user_vectors(user_ids=test.user_ids)
+        reloaded_scores = (users * loaded.item_table[test.item_ids]).sum(-1).numpy()
+    np.testing.assert_allclose(reloaded_scores, test_scores, rtol=1e-5, atol=1e-5)
+    assert torch.all(loaded.item_table[0] == 0)
+    if loaded.user_table is not None:
+        assert torch.all(loaded.user_table[0] == 0)
+
+
+def test_nan_loss_names_step_and_learning_rate(records):
+    with pytest.raises(FloatingPointError, match=r"at step \d+ \(epoch \d+\) with learning rate 1e\+30"):
+        train_small("mf", records, learning_rate=1e30)
+
+
+def test_bad_splits_raise(records):
+    splits = splits_for(records)
+    model = MatrixFactorization(NUM_USERS, NUM_ITEMS, 8)
+    one_class = split_from_records(records["validation"].assign(label=1), "validation")
+    with pytest.raises(ValueError, match="validation split: column 'label' has one class only"):
+        train_pointwise(model, splits["train"], one_class, FAST_FIT)
+    empty = split_from_records(records["validation"].iloc[:0], "validation")
+    with pytest.raises(ValueError, match="validation split is empty"):
+        train_pointwise(model, splits["train"], empty, FAST_FIT)
+    too_large = split_from_records(records["train"].assign(TargetItemID=records["train"]["TargetItemID"] + 100), "train")
+    with pytest.raises(ValueError, match=r"train split, column TargetItemID: ids must be in 0\.\.60 \(table of 61 rows\); found min \d+, max 160"):
+        train_pointwise(model, too_large, splits["validation"], FAST_FIT)
+
+
+def test_check_ids_fit_names_largest_id_and_table_size():
+    checkpoint = checkpoint_from_model(MatrixFactorization(10, 20, 4))
+    check_ids_fit(checkpoint, 9, 19)
+    with pytest.raises(ValueError, match=r"my records: largest UserID 10 does not fit the mf user table of 10 rows"):
+        check_ids_fit(checkpoint, 10, 19, source="my records")
+    with pytest.raises(ValueError, match=r"largest ItemID 25 does not fit the mf item table of 20 rows \(ids 0\.\.19\)"):
+        check_ids_fit(checkpoint, 1, 25)
+    sasrec = checkpoint_from_model(SASRec(20, hidden_size=8, max_len=5), num_users=3)
+    check_ids_fit(sasrec, 1000, 19)  # no user table: any user id fits
+
+
+def test_sasrec_padding_rows_are_finite_and_padding_invariant():
+    torch.manual_seed(0)
+    encoder = SASRec(30, hidden_size=16, num_blocks=2, num_heads=2, max_len=6, dropout=0.0).eval()
+    history = torch.tensor([[0, 0, 3, 4, 5], [0, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        encoded = encoder.encode(history)
+        assert torch.isfinite(encoded).all()
+        longer_padding = torch.cat([torch.zeros(3, 4, dtype=torch.long), history], dim=1)  # L = 9 > max_len
+        torch.testing.assert_close(encoder.encode(longer_padding), encoded)
+        # Beyond max_len only the most recent items count.
+        too_long = torch.tensor([[9, 9, 9, 1, 2, 3, 4, 5, 6]])
+        torch.testing.assert_close(encoder.encode(too_long), encoder.encode(too_long[:, -6:]))
+        assert not torch.allclose(encoded[0], encoded[2])
+        logits = encoder(history, torch.tensor([1, 2, 3]))
+    assert logits.shape == (3,) and torch.isfinite(logits).all()
+
+
+def test_history_matrix_keeps_last_positives_left_padded():
+    matrix = history_matrix([[1, 2, 3, 4], [], [5, 6]], [[1, 0, 1, 1], [], [0, 0]], max_len=2)
+    assert matrix.tolist() == [[3, 4], [0, 0], [0, 0]]
+    assert history_matrix([[1, 2]], None, max_len=4).tolist() == [[0, 0, 1, 2]]
+
+
+def test_lightgcn_graph_is_symmetric_normalised():
+    model = LightGCN(num_users=3, num_items=3, embedding_dim=4, num_layers=1)
+    model.set_graph(torch.tensor([1, 1, 2, 1]), torch.tensor([1, 2, 2, 1]))  # (1,1) repeated counts once
+    dense = model.adjacency.to_dense()
+    # Degrees: user1 2, user2 1, item1 1, item2 2 (items start at node 3).
+    assert dense[1, 3 + 1] == pytest.approx(1 / (2**0.5 * 1**0.5))
+    assert dense[1, 3 + 2] == pytest.approx(1 / 2)
+    assert torch.equal(dense, dense.T)
+    users, items = model.propagate()
+    assert users.shape == (3, 4) and items.shape == (3, 4)
+    assert torch.all(users[0] == 0) and torch.all(items[0] == 0)
+
+
+def write_prepared_dir(directory: Path, frames: dict[str, pd.DataFrame]) -> Path:
+    """A prepared records folder as docs/records.md describes it."""
+    (directory / "data").mkdir(parents=True)
+    for name, frame in frames.items():
+        frame.to_parquet(directory / "data" / f"{name}.parquet", index=False)
+    items = pd.DataFrame({"ItemID": np.arange(1, NUM_ITEMS), "original_id": [str(i) for i in range(1, NUM_ITEMS)]})
+    items = items.assign(title=[f"item {i}" for i in items["ItemID"]], genres="", description="")
+    items.to_parquet(directory / "items.parquet", index=False)
+    users = pd.DataFrame({"UserID": np.arange(1, NUM_USERS), "original_id": [str(u) for u in range(1, NUM_USERS)]})
+    users.to_parquet(directory / "users.parquet", index=False)
+    metadata = {"num_users": NUM_USERS, "num_items": NUM_ITEMS, "padding_id": 0, "max_history": 10,
+                "history_mode": "positives", "source": "synthetic parity", "output_format": "parquet"}
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    return directory
+
+
+@pytest.mark.parametrize("model_type", ["mf", "sasrec"])
+def test_train_collaborative_main_end_to_end(model_type, records, tmp_path, capsys):
+    records_dir = write_prepared_dir(tmp_path / "records", records)
+    output_dir = tmp_path / "cf"
+    outcome = train_collaborative.main([
+        "--records_dir", str(records_dir), "--model_type", model_type, "--output_dir", str(output_dir),
+        "--embedding_dim", "16", "--max_len", "10", "--batch_size", "128", "--max_epochs", "30", "--patience", "5",
+        "--grid", '{"learning_rate": [1e-4, 1e-2]}',
+    ])
+    printed = capsys.readouterr().out
+    assert "validation auc" in printed and "test       ndcg@5" in printed
+    # The grid keeps the setting with the best validation AUC, whatever test says.
+    best = max(outcome.grid_results, key=lambda result: result["valid_auc"])
+    assert outcome.fit_config.learning_rate == best["learning_rate"] == 1e-2
+    assert outcome.test_metrics["auc"] > 0.8
+    predictions = pd.read_parquet(output_dir / "test_predictions.parquet")
+    assert list(predictions.columns) == ["UserID", "TargetItemID", "label", "score", "not_cold"]
+    assert len(predictions) == len(records["test"]) and predictions["not_cold"].tolist() == records["test"]["not_cold"].tolist()
+    checkpoint = load_cf_checkpoint(output_dir)
+    assert checkpoint.model_type == model_type and checkpoint.num_users == NUM_USERS and checkpoint.embedding_dim == 16
+    assert checkpoint.config["metrics"]["test/auc"] == pytest.approx(outcome.test_metrics["auc"])
+    assert checkpoint.config["hyper_parameters"]["learning_rate"] == 1e-2
+    saved_metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert saved_metrics["valid"]["uauc"] == pytest.approx(outcome.valid_metrics["uauc"])
+
+
+def test_arguments_validate_and_example_configs_parse(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        train_collaborative.DataArguments(records_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="grid key 'momentum' is not supported"):
+        train_collaborative.CFTrainingArguments(output_dir="x", grid='{"momentum": [0.9]}')
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        train_collaborative.ModelArguments(model_type="bpr")
+    records_dir = write_prepared_dir(tmp_path / "records", synthetic_records(rows_per_user=4))
+    parser = HfArgumentParser((train_collaborative.ModelArguments, train_collaborative.DataArguments, train_collaborative.CFTrainingArguments))
+    for model_type in ("mf", "lightgcn", "sasrec"):
+        config = json.loads((REPO_ROOT / "examples" / f"cf_{model_type}.json").read_text())
+        config["records_dir"] = str(records_dir)
+        model_args, _, training_args = parser.parse_dict(config, allow_extra_keys=False)
+        assert model_args.model_type == model_type
+        fit = train_collaborative.fit_config_for(model_type, training_args)
+        assert fit.learning_rate > 0 and fit.batch_size > 0
+
+
+BENCHMARK_DATA = Path(os.environ.get("ML1M_COLLM_DIR", REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"))
+
+
+@pytest.mark.slow
+@pytest.mark.needs_benchmark_data
+@pytest.mark.skipif(not (BENCHMARK_DATA / "train.parquet").is_file(), reason=f"ML-1M CoLLM split not found at {BENCHMARK_DATA}")
+def test_mf_reproduces_published_ml1m_auc(tmp_path):
+    from data_preparation import records_from_collm
+    from data_readers import read_collm_splits
+
+    prepared = records_from_collm(read_collm_splits(BENCHMARK_DATA), max_history=10)
+    frames = {name: table.to_pandas() for name, table in prepared.splits.items()}
+    model_args = train_collaborative.ModelArguments(model_type="mf")
+    training_args = train_collaborative.CFTrainingArguments(output_dir=str(tmp_path))
+    outcome = train_collaborative.train_and_evaluate(
+        frames, prepared.metadata["num_users"], prepared.metadata["num_items"], model_args, training_args
+    )
+    assert outcome.test_metrics["auc"] >= 0.6482 - 0.01  # published CoLLM MF test AUC
