@@ -1,0 +1,264 @@
+"""Turns prepared records (docs/records.md) into ThinkRec batches: left-padded prompts with id slots,
+right-padded answers with EOS, `-100` labels, per-row mode and CF ids."""
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+MODES = {"rec": 0, "reason": 1}
+IGNORE_INDEX = -100
+PLACEHOLDERS = ("<UserID>", "<ItemTitleList>", "<HisItemList>", "<TargetItemTitle>", "<TargetItemID>")
+_PLACEHOLDER_PATTERN = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
+REQUIRED_FIELDS = ("UserID", "HisItemIDs", "HisItemTitles", "TargetItemID", "TargetItemTitle", "label", "mode")
+
+
+def load_templates(template: str) -> list[str]:
+    """Templates from a file, one per line (`\\n` written literally); `template` is a file path or the
+    name of a file in `templates/` ("text_only", "collaborative", "reflection")."""
+    path = template if os.path.isfile(template) else os.path.join(TEMPLATE_DIR, f"{template}.txt")
+    if not os.path.isfile(path):
+        names = sorted(name[:-4] for name in os.listdir(TEMPLATE_DIR) if name.endswith(".txt"))
+        raise FileNotFoundError(f"prompt template {template!r}: no such file, and not one of {names} in {TEMPLATE_DIR}.")
+    with open(path, encoding="utf-8") as handle:
+        templates = [line.rstrip("\n").replace("\\n", "\n") for line in handle if line.strip()]
+    if not templates:
+        raise ValueError(f"{path}: no templates (expected one per line).")
+    for number, text in enumerate(templates, start=1):
+        if "<TargetItemTitle>" not in text and "<TargetItemID>" not in text:
+            raise ValueError(f"{path} line {number}: a template must name the target (<TargetItemTitle> or <TargetItemID>).")
+    return templates
+
+
+@dataclass
+class ThinkRecCollator:
+    """
+    Builds ThinkRec batches from records (dicts with the fields of docs/records.md). Every prompt is
+    LEFT-padded to one length so the last prompt position (which scores "Yes") is one column for all
+    rows; answers follow, RIGHT-padded, with EOS appended. The answer is "Yes"/"No" for `mode="rec"`
+    rows and the `reason` text for `mode="reason"` rows; both kinds mix in one batch. History titles
+    are dropped oldest first until the prompt fits `max_prompt_tokens`; the question and the answer are
+    never cut.
+
+    Args:
+        tokenizer: the LM tokenizer with the slot tokens added (`ThinkRecForCausalLM.from_language_model`).
+        template: a template file path or a name in `templates/` ("text_only", "collaborative", "reflection").
+        history_item_slots: put an item id slot after every history title.
+        max_prompt_tokens: token budget of a prompt (None = no limit).
+        use_chat_template: wrap the question as a user turn of the tokenizer's chat template (instruct LMs).
+        system_prompt: system turn for the chat template (None keeps the template's default).
+        include_answers: False gives prompt-only batches (scoring, generation): no answers, no `labels`.
+        tokens_per_id: slot tokens per id (the model's `config.tokens_per_id`).
+        seed: picks among several templates in a file.
+
+    Outputs (`torch.Tensor`s): `input_ids`, `attention_mask` [B, T]; `labels` [B, T] (answers only);
+    `mode` [B] (0 rec / 1 reason); `target_labels` [B] float; `user_ids`, `item_ids` [B] (for UAUC);
+    `user_slot_ids`, `item_slot_ids` [B, S] ids in order of appearance of their slot tokens,
+    right-padded with 0; `history_item_ids` [B, L] the full history, left-padded with 0 (SASRec).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from backbones import smollm2_tokenizer_dir
+    >>> from modeling_thinkrec import add_slot_tokens
+    >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    >>> _ = add_slot_tokens(tokenizer, "<|user_slot|>", "<|item_slot|>")
+    >>> collator = ThinkRecCollator(tokenizer, template="collaborative")
+    >>> records = [
+    ...     {"UserID": 3, "HisItemIDs": [5, 9], "HisItemTitles": ["Heat (1995)", "Fargo (1996)"],
+    ...      "TargetItemID": 7, "TargetItemTitle": "Alien (1979)", "label": 1, "mode": "rec", "reason": ""},
+    ...     {"UserID": 4, "HisItemIDs": [], "HisItemTitles": [], "TargetItemID": 2,
+    ...      "TargetItemTitle": "Big (1988)", "label": 0, "mode": "reason", "reason": "No. Too light."},
+    ... ]
+    >>> batch = collator(records)
+    >>> sorted(batch)
+    ['attention_mask', 'history_item_ids', 'input_ids', 'item_ids', 'item_slot_ids', 'labels', 'mode', 'target_labels', 'user_ids', 'user_slot_ids']
+    >>> batch["input_ids"].shape
+    torch.Size([2, 103])
+    >>> batch["attention_mask"][:, :3].tolist()  # row 1 has the shorter prompt: left padding
+    [[1, 1, 1], [0, 0, 0]]
+    >>> tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
+    'Yes<|im_end|>'
+    >>> tokenizer.decode(batch["input_ids"][1][batch["labels"][1] != -100])
+    'No. Too light.<|im_end|>'
+    >>> batch["mode"].tolist(), batch["target_labels"].tolist()
+    ([0, 1], [1.0, 0.0])
+    >>> batch["user_slot_ids"].tolist(), batch["item_slot_ids"].tolist(), batch["history_item_ids"].tolist()
+    ([[3], [4]], [[7], [2]], [[5, 9], [0, 0]])
+
+    ```
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    template: str = "collaborative"
+    history_item_slots: bool = False
+    max_prompt_tokens: int | None = None
+    use_chat_template: bool = False
+    system_prompt: str | None = None
+    include_answers: bool = True
+    tokens_per_id: int = 1
+    user_slot_token: str = "<|user_slot|>"
+    item_slot_token: str = "<|item_slot|>"
+    empty_history_text: str = "none"
+    seed: int = 0
+    templates: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.templates = load_templates(self.template)
+        self._random = random.Random(self.seed)
+        vocab = self.tokenizer.get_vocab()
+        for token in (self.user_slot_token, self.item_slot_token):
+            if token not in vocab:
+                raise ValueError(
+                    f"slot token {token!r} is not in the tokenizer; add it first (modeling_thinkrec.add_slot_tokens "
+                    "or ThinkRecForCausalLM.from_language_model)."
+                )
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token: answers need EOS appended so generation learns to stop.")
+        if self.use_chat_template and not self.tokenizer.chat_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat_template.")
+        if self.tokens_per_id < 1:
+            raise ValueError(f"tokens_per_id must be >= 1, got {self.tokens_per_id}.")
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    # ---------------------------------------------------------------------------------- prompts
+
+    def render_prompt(self, record: dict, template: str, num_history: int) -> tuple[str, list[int], list[int]]:
+        """Prompt text with the last `num_history` history items, and the user/item ids of its slots
+        in order of appearance."""
+        user_ids, item_ids = [], []
+        user_slot = self.user_slot_token * self.tokens_per_id
+        item_slot = self.item_slot_token * self.tokens_per_id
+        start = len(record["HisItemIDs"]) - num_history
+        history_ids = list(record["HisItemIDs"])[start:]
+        history_titles = list(record["HisItemTitles"])[start:]
+        pieces = []
+        for piece in _PLACEHOLDER_PATTERN.split(template):
+            if piece == "<UserID>":
+                pieces.append(user_slot)
+                user_ids.append(int(record["UserID"]))
+            elif piece in ("<ItemTitleList>", "<HisItemList>"):
+                titles = []
+                for item_id, title in zip(history_ids, history_titles):
+                    if self.history_item_slots:
+                        titles.append(f'"{title}" {item_slot}')
+                        item_ids.append(int(item_id))
+                    else:
+                        titles.append(f'"{title}"')
+                pieces.append(", ".join(titles) if titles else self.empty_history_text)
+            elif piece == "<TargetItemTitle>":
+                pieces.append(f'"{record["TargetItemTitle"]}"')
+            elif piece == "<TargetItemID>":
+                pieces.append(item_slot)
+                item_ids.append(int(record["TargetItemID"]))
+            else:
+                pieces.append(piece)
+        text = "".join(pieces)
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": text}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, user_ids, item_ids
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        # A chat template already writes its special tokens; a plain prompt gets the tokenizer's own (e.g. BOS).
+        return self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
+
+    def build_prompt(self, record: dict, row: int) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of the prompt, shortened oldest history item first to `max_prompt_tokens`."""
+        template = self.templates[0] if len(self.templates) == 1 else self._random.choice(self.templates)
+        num_history = len(record["HisItemIDs"])
+        while True:
+            text, user_ids, item_ids = self.render_prompt(record, template, num_history)
+            prompt_ids = self._encode_prompt(text)
+            if self.max_prompt_tokens is None or len(prompt_ids) <= self.max_prompt_tokens:
+                return prompt_ids, user_ids, item_ids
+            if num_history == 0:
+                raise ValueError(
+                    f"row {row}: the question without any history takes {len(prompt_ids)} tokens, over "
+                    f"max_prompt_tokens={self.max_prompt_tokens}; raise the budget (the question is never cut)."
+                )
+            num_history -= 1
+
+    def build_answer(self, record: dict, row: int) -> list[int]:
+        """Answer token ids with EOS: "Yes"/"No" for rec rows, the reason text for reasoning rows."""
+        if record["mode"] == "reason":
+            reason = record.get("reason") or ""
+            if not reason.strip():
+                raise ValueError(f"row {row}: mode is 'reason' but the 'reason' field is empty.")
+            text = reason
+        else:
+            text = "Yes" if int(record["label"]) == 1 else "No"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    @staticmethod
+    def _check_record(record: dict, row: int) -> None:
+        missing = [name for name in REQUIRED_FIELDS if name not in record]
+        if missing:
+            raise ValueError(f"row {row}: missing fields {missing}; records need {list(REQUIRED_FIELDS)} (docs/records.md).")
+        if record["mode"] not in MODES:
+            raise ValueError(f"row {row}: mode must be one of {sorted(MODES)}, found {record['mode']!r}.")
+        if int(record["label"]) not in (0, 1):
+            raise ValueError(f"row {row}: label must be 0 or 1, found {record['label']!r}.")
+        if len(record["HisItemIDs"]) != len(record["HisItemTitles"]):
+            raise ValueError(
+                f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(record['HisItemTitles'])} HisItemTitles."
+            )
+
+    # ---------------------------------------------------------------------------------- batches
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts, answers, user_slots, item_slots, histories = [], [], [], [], []
+        for row, record in enumerate(records):
+            self._check_record(record, row)
+            prompt_ids, user_ids, item_ids = self.build_prompt(record, row)
+            prompts.append(prompt_ids)
+            user_slots.append(user_ids)
+            item_slots.append(item_ids)
+            histories.append([int(item_id) for item_id in record["HisItemIDs"]])
+            if self.include_answers:
+                answers.append(self.build_answer(record, row))
+
+        prompt_length = max(len(ids) for ids in prompts)
+        answer_length = max((len(ids) for ids in answers), default=0)
+        input_ids, attention_mask, labels = [], [], []
+        for row, prompt_ids in enumerate(prompts):
+            answer_ids = answers[row] if self.include_answers else []
+            left = prompt_length - len(prompt_ids)
+            right = answer_length - len(answer_ids)
+            input_ids.append([self.pad_token_id] * left + prompt_ids + answer_ids + [self.pad_token_id] * right)
+            attention_mask.append([0] * left + [1] * (len(prompt_ids) + len(answer_ids)) + [0] * right)
+            labels.append([IGNORE_INDEX] * (left + len(prompt_ids)) + answer_ids + [IGNORE_INDEX] * right)
+
+        batch = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        }
+        if self.include_answers:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        batch["mode"] = torch.tensor([MODES[record["mode"]] for record in records], dtype=torch.long)
+        batch["target_labels"] = torch.tensor([float(record["label"]) for record in records], dtype=torch.float)
+        batch["user_ids"] = torch.tensor([int(record["UserID"]) for record in records], dtype=torch.long)
+        batch["item_ids"] = torch.tensor([int(record["TargetItemID"]) for record in records], dtype=torch.long)
+        batch["user_slot_ids"] = _pad(user_slots, left=False)
+        batch["item_slot_ids"] = _pad(item_slots, left=False)
+        batch["history_item_ids"] = _pad(histories, left=True)
+        return batch
+
+
+def _pad(rows: list[list[int]], left: bool) -> torch.Tensor:
+    """[B, max_len] LongTensor padded with 0 (the padding id of every CF table)."""
+    width = max((len(row) for row in rows), default=0)
+    padded = [([0] * (width - len(row)) + row) if left else (row + [0] * (width - len(row))) for row in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
+
+
+__all__ = ["ThinkRecCollator", "load_templates"]
