@@ -1,0 +1,419 @@
+"""ThinkRecForCausalLM on a tiny random Llama: losses, injection, scoring, Trainer accumulation,
+LoRA stages, dtype, checkpointing, generation and save/load (native and trust_remote_code)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+from _tiny_model import REPO_ROOT, make_model, make_records
+from configuration_thinkrec import ThinkRecConfig
+from data_collator import ThinkRecCollator
+from modeling_thinkrec import ThinkRecForCausalLM
+
+
+def collate(tokenizer, records, **kwargs):
+    return ThinkRecCollator(tokenizer, **kwargs)(records)
+
+
+@pytest.fixture(scope="module")
+def mf_model():
+    return make_model("mf")
+
+
+def hand_computed_loss(model, batch, logits):
+    """Per-row mixture computed row by row from full vocabulary logits."""
+    config = model.config
+    total = 0.0
+    for row in range(batch["input_ids"].shape[0]):
+        answer_columns = (batch["labels"][row] != -100).nonzero().flatten()
+        score_column = answer_columns[0] - 1
+        row_logits = logits[row, score_column].float()
+        score = row_logits[config.yes_token_id]
+        if config.score_type == "yes_no_log_odds":
+            score = score - row_logits[config.no_token_id]
+        bce = F.binary_cross_entropy_with_logits(score, batch["target_labels"][row])
+        lm = F.cross_entropy(logits[row, answer_columns - 1].float(), batch["labels"][row, answer_columns])
+        if batch["mode"][row] == 1:
+            total = total + config.reason_bce_weight * bce + config.reason_lm_weight * lm
+        else:
+            total = total + config.rec_bce_weight * bce + config.rec_lm_weight * lm
+    return total / batch["input_ids"].shape[0]
+
+
+@pytest.mark.parametrize("score_type", ["yes_logit", "yes_no_log_odds"])
+def test_mixed_batch_loss_equals_hand_computed_mixture(score_type):
+    model, tokenizer = make_model("mf", score_type=score_type)
+    batch = collate(tokenizer, make_records(4, seed=1))
+    assert batch["mode"].tolist() == [0, 1, 0, 1]
+    output = model(**batch, return_logits=True)
+    expected = hand_computed_loss(model, batch, output.logits)
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+    # The default output keeps no vocabulary logits but the same loss and scores.
+    lean = model(**batch)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, output.loss)
+    torch.testing.assert_close(lean.scores, output.scores)
+    assert lean.bce_loss.shape == lean.lm_loss.shape == (4,)
+
+
+def test_loss_weights_follow_the_mode_flag(mf_model):
+    model, tokenizer = mf_model
+    records = make_records(2, seed=2, modes=("reason",))
+    batch = collate(tokenizer, records)
+    output = model(**batch)
+    as_reason = (0.1 * output.bce_loss + 0.9 * output.lm_loss).mean()
+    torch.testing.assert_close(output.loss, as_reason)
+    batch["mode"] = torch.zeros_like(batch["mode"])
+    output = model(**batch)
+    torch.testing.assert_close(output.loss, (0.9 * output.bce_loss + 0.1 * output.lm_loss).mean())
+
+
+def test_labels_need_mode_and_target_labels(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(2))
+    del batch["mode"]
+    with pytest.raises(ValueError, match="mode"):
+        model(**batch)
+
+
+def test_unaligned_prompts_are_rejected(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(2))
+    batch["labels"][1] = torch.roll(batch["labels"][1], 1)
+    with pytest.raises(ValueError, match="row 1: answer starts at column"):
+        model(**batch)
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps the accumulated gradients right before the optimizer step."""
+
+    def __init__(self):
+        self.gradients = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients = {
+            name: parameter.grad.detach().clone()
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad
+        }
+
+
+def trainer_gradients(tmp_path, batch_size, accumulation_steps, records):
+    model, tokenizer = make_model("mf", seed=3)
+    model.set_training_stage("joint")
+    recorder = GradientRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"bs{batch_size}_ga{accumulation_steps}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation_steps,
+        max_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=records,
+        data_collator=ThinkRecCollator(tokenizer),
+        callbacks=[recorder],
+    )
+    assert trainer.model_accepts_loss_kwargs is False
+    trainer.train()
+    return recorder.gradients
+
+
+def test_gradient_accumulation_through_trainer_equals_one_big_batch(tmp_path):
+    # Rows of different prompt and answer lengths, so every micro-batch pads differently.
+    records = make_records(4, seed=4)
+    big = trainer_gradients(tmp_path, 4, 1, records)
+    accumulated = trainer_gradients(tmp_path, 2, 2, records)
+    assert big and set(big) == set(accumulated)
+    assert any(name.startswith("projector.") for name in big)
+    assert any("lora_A" in name for name in big)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_slot_and_vector_count_mismatch_names_the_row(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(4, seed=5), history_item_slots=True)
+    item_slot_ids = batch["item_slot_ids"].clone()
+    count = int((item_slot_ids[2] != 0).sum())
+    item_slot_ids[2, count - 1] = 0
+    with pytest.raises(ValueError, match=f"row 2: {count} item slots but {count - 1} item ids"):
+        model(**{**batch, "item_slot_ids": item_slot_ids})
+    with pytest.raises(ValueError, match="row 0: 1 user slots but 0 user ids"):
+        model(**{**batch, "user_slot_ids": None})
+    with pytest.raises(ValueError, match="outside the CF table"):
+        model(**{**batch, "item_slot_ids": batch["item_slot_ids"] + 100 * (batch["item_slot_ids"] != 0)})
+
+
+def test_slots_are_replaced_by_projected_vectors(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(3, seed=6), history_item_slots=True)
+    embeds = model.embed_prompt(batch["input_ids"], batch["user_slot_ids"], batch["item_slot_ids"])
+    plain = model.get_input_embeddings()(batch["input_ids"])
+    user_mask = batch["input_ids"] == model.config.user_slot_token_id
+    item_mask = batch["input_ids"] == model.config.item_slot_token_id
+    with torch.no_grad():
+        expected_users = model.projector(model.user_table.weight[batch["user_slot_ids"][batch["user_slot_ids"] != 0]])
+        expected_items = model.projector(model.item_table.weight[batch["item_slot_ids"][batch["item_slot_ids"] != 0]])
+    torch.testing.assert_close(embeds[user_mask], expected_users)
+    torch.testing.assert_close(embeds[item_mask], expected_items)
+    torch.testing.assert_close(embeds[~(user_mask | item_mask)], plain[~(user_mask | item_mask)])
+
+
+def test_several_tokens_per_id():
+    model, tokenizer = make_model("mf", tokens_per_id=2)
+    assert model.config.proj_token_num == 2
+    batch = collate(tokenizer, make_records(2, seed=7), tokens_per_id=2)
+    assert int((batch["input_ids"] == model.config.item_slot_token_id).sum()) == 4
+    assert torch.isfinite(model(**batch).loss)
+    single = collate(tokenizer, make_records(2, seed=7))
+    with pytest.raises(ValueError, match="row 0: 1 user slots but 1 user ids x 2 tokens per id"):
+        model(**single)
+
+
+def test_score_does_not_depend_on_other_rows_padding(mf_model):
+    model, tokenizer = mf_model
+    records = make_records(3, seed=8)
+    records[0]["HisItemIDs"], records[0]["HisItemTitles"] = [], []
+    long_history = list(range(1, 11))
+    records[1]["HisItemIDs"] = long_history
+    records[1]["HisItemTitles"] = [f"A much longer movie title number {i}" for i in long_history]
+    records[1]["mode"], records[1]["reason"] = "reason", "Yes. " + "It is a long explanation. " * 10
+    together = model.score(**collate(tokenizer, records))
+    alone = torch.cat([model.score(**collate(tokenizer, [record])) for record in records])
+    prompts_only = model.score(**collate(tokenizer, records, include_answers=False))
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prompts_only, alone, rtol=1e-5, atol=1e-6)
+    assert ((together > 0) & (together < 1)).all()
+
+
+def test_score_reads_the_last_prompt_position_of_forward(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(3, seed=9))
+    output = model(**batch)
+    torch.testing.assert_close(model.score(**batch), torch.sigmoid(output.scores))
+
+
+def test_training_stages_freeze_the_right_parameters():
+    model, _ = make_model("mf")
+    groups = {
+        "lora": lambda name: "lora_" in name,
+        "projector": lambda name: name.startswith("projector."),
+    }
+    for stage, expected in (("lora", {"lora"}), ("projector", {"projector"}), ("joint", {"lora", "projector"})):
+        trainable = set(model.set_training_stage(stage))
+        assert trainable == {name for name, p in model.named_parameters() if p.requires_grad}
+        for group, matches in groups.items():
+            names = {name for name, _ in model.named_parameters() if matches(name)}
+            assert names, group
+            assert (names <= trainable) == (group in expected), (stage, group)
+        frozen = {name for name, _ in model.named_parameters() if not any(m(name) for m in groups.values())}
+        assert not frozen & trainable
+        assert any("base_layer" in name for name in frozen) and "user_table.weight" in frozen
+    with pytest.raises(ValueError, match="stage must be one of"):
+        model.set_training_stage("all")
+    no_lora, _ = make_model("mf", lora=False)
+    with pytest.raises(ValueError, match="add_lora"):
+        no_lora.set_training_stage("lora")
+    text_only, _ = make_model("none")
+    with pytest.raises(ValueError, match="no projector"):
+        text_only.set_training_stage("projector")
+
+
+def test_lora_stage_updates_only_lora(mf_model):
+    model, tokenizer = make_model("mf", seed=10)
+    model.set_training_stage("lora")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(**collate(tokenizer, make_records(2, seed=10))).loss.backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert changed and all("lora_" in name for name in changed)
+
+
+def test_text_only_model_rejects_slots_and_runs_text_prompts():
+    model, tokenizer = make_model("none")
+    assert model.projector is None and model.user_table is None
+    records = make_records(2, seed=11)
+    assert torch.isfinite(model(**collate(tokenizer, records, template="text_only")).loss)
+    with pytest.raises(ValueError, match="text-only model"):
+        model(**collate(tokenizer, records, template="collaborative"))
+
+
+def test_sasrec_user_slot_encodes_the_history():
+    model, tokenizer = make_model("sasrec")
+    assert model.user_table is None and model.sequence_encoder is not None
+    batch = collate(tokenizer, make_records(3, seed=12))
+    model.train()
+    assert not model.sequence_encoder.training
+    embeds = model.embed_prompt(batch["input_ids"], batch["user_slot_ids"], batch["item_slot_ids"], batch["history_item_ids"])
+    with torch.no_grad():
+        expected = model.projector(model.sequence_encoder.encode(batch["history_item_ids"]))
+    torch.testing.assert_close(embeds[batch["input_ids"] == model.config.user_slot_token_id], expected)
+    model.eval()
+    with pytest.raises(ValueError, match="history_item_ids"):
+        model(**{**batch, "history_item_ids": None})
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_bf16_backbone_keeps_projector_and_lora_in_float32(tmp_path, mf_model):
+    model, tokenizer = mf_model
+    model.save_pretrained(tmp_path)
+    loaded = ThinkRecForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert dtypes["language_model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    for name, dtype in dtypes.items():
+        if name.startswith(("projector.", "user_table", "item_table")) or "lora_" in name:
+            assert dtype == torch.float32, name
+    loaded.set_training_stage("joint")
+    loaded.train()
+    output = loaded(**collate(tokenizer, make_records(2, seed=13)))
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert loaded.projector.linear_1.weight.grad.dtype == torch.float32
+    scores = loaded.score(**collate(tokenizer, make_records(2, seed=13)))
+    torch.testing.assert_close(scores, model.score(**collate(tokenizer, make_records(2, seed=13))), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("stage", ["lora", "projector"])
+def test_gradient_checkpointing_gives_the_same_gradients(stage):
+    model, tokenizer = make_model("mf", seed=14)
+    model.set_training_stage(stage)
+    batch = collate(tokenizer, make_records(2, seed=14))
+    model.train()
+
+    def gradients():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert model.language_model.model.gradient_checkpointing or any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+    )
+    checkpointed = gradients()
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_generate_uses_the_injected_vectors(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(2, seed=15), include_answers=False)
+    prompt_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "user_slot_ids", "item_slot_ids")}
+    generated = model.generate(
+        **prompt_inputs, max_new_tokens=3, output_scores=True, output_logits=True, return_dict_in_generate=True
+    )
+    assert generated.sequences.shape == (2, 3)
+    assert model.generation_config.max_new_tokens == 400  # per-call override did not touch the saved config
+    # The first generated token comes from the same injected prompt that forward() reads.
+    logits = model(**prompt_inputs, return_logits=True).logits[:, -1]
+    torch.testing.assert_close(generated.logits[0], logits, rtol=1e-4, atol=1e-4)
+    # Slot tokens are never generated.
+    slot_ids = [model.config.user_slot_token_id, model.config.item_slot_token_id]
+    assert torch.isinf(generated.scores[0][:, slot_ids]).all()
+    # Another user's vector changes the first step.
+    other = model.generate(
+        **{**prompt_inputs, "user_slot_ids": prompt_inputs["user_slot_ids"] % 10 + 1},
+        max_new_tokens=1, output_logits=True, return_dict_in_generate=True,
+    )
+    assert not torch.allclose(other.logits[0], generated.logits[0])
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="cf_model_type must be one of"):
+        ThinkRecConfig(cf_model_type="bpr")
+    with pytest.raises(ValueError, match="num_users"):
+        ThinkRecConfig(cf_model_type="mf", cf_embedding_dim=8, num_users=0, num_items=5)
+    with pytest.raises(ValueError, match="outside the LM vocabulary"):
+        ThinkRecConfig(text_config={"model_type": "llama", "vocab_size": 100}, yes_token_id=100)
+    with pytest.raises(ValueError, match="score_type"):
+        ThinkRecConfig(score_type="probability")
+    with pytest.raises(ValueError, match="lora_config lacks"):
+        ThinkRecConfig(lora_config={"r": 8})
+    assert ThinkRecConfig(cf_model_type="sasrec", cf_embedding_dim=8, num_items=5).num_users == 0
+
+
+def test_slot_tokens_are_dedicated_special_tokens(mf_model):
+    model, tokenizer = mf_model
+    slot_ids = {model.config.user_slot_token_id, model.config.item_slot_token_id}
+    assert not slot_ids & {tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id}
+    assert min(slot_ids) >= 49152  # appended after the original vocabulary
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(model.config.yes_token_id) == "Yes"
+
+
+REMOTE_SCORE_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+checkpoint, batch_path = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+batch = torch.load(batch_path)
+print(json.dumps({
+    "module": type(model).__module__,
+    "scores": model.score(**batch).tolist(),
+    "slot_ids": tokenizer.convert_tokens_to_ids(["<|user_slot|>", "<|item_slot|>"]),
+}))
+"""
+
+
+def test_save_and_load_native_and_remote_code_give_identical_scores(tmp_path, mf_model):
+    model, tokenizer = mf_model
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    files = set(os.listdir(checkpoint))
+    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_thinkrec.py",
+            "modeling_thinkrec.py", "collaborative_models.py", "tokenizer.json"} <= files
+    assert json.loads((checkpoint / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_thinkrec.ThinkRecForCausalLM"
+    )
+    batch = collate(tokenizer, make_records(3, seed=16), history_item_slots=True)
+    expected = model.score(**batch)
+
+    native = ThinkRecForCausalLM.from_pretrained(checkpoint)
+    torch.testing.assert_close(native.score(**batch), expected, rtol=0, atol=1e-6)
+    assert native.config.lora_config == model.config.lora_config
+    assert native.generation_config.max_new_tokens == model.generation_config.max_new_tokens
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(native.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    auto = AutoModelForCausalLM.from_pretrained(checkpoint)  # in-process registration
+    torch.testing.assert_close(auto.score(**batch), expected, rtol=0, atol=1e-6)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert reloaded_tokenizer("<|user_slot|><|item_slot|>", add_special_tokens=False)["input_ids"] == [
+        model.config.user_slot_token_id, model.config.item_slot_token_id,
+    ]
+
+    # trust_remote_code in a fresh interpreter that cannot import the repository's modules.
+    batch_path = tmp_path / "batch.pt"
+    torch.save(dict(batch), batch_path)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCORE_SCRIPT, str(checkpoint), str(batch_path)],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules"), remote["module"]
+    torch.testing.assert_close(torch.tensor(remote["scores"]), expected, rtol=0, atol=1e-6)
+    assert remote["slot_ids"] == [model.config.user_slot_token_id, model.config.item_slot_token_id]
+    assert REPO_ROOT not in result.stdout
