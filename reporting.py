@@ -1,0 +1,146 @@
+"""What a run leaves for people to read: ROC and training-curve plots, the verdict of generated
+text, and the model card pushed with the model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+VERDICT_PATTERN = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+
+
+def verdict_of(text: str) -> Optional[int]:
+    """1 for an answer that starts with "Yes", 0 for "No", None when it starts with neither."""
+    match = VERDICT_PATTERN.match(text or "")
+    if match is None:
+        return None
+    return 1 if match.group(1).lower() == "yes" else 0
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: os.PathLike | str) -> Path:
+    """One ROC curve per named scorer (labels, scores) in one PNG; the legend carries each AUC."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores) in curves.items():
+        false_positive, true_positive, _ = roc_curve(labels, scores)
+        axes.plot(false_positive, true_positive, label=f"{name} (AUC {roc_auc_score(labels, scores):.4f})")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_training_curves(log_history: list[dict], path: os.PathLike | str) -> Optional[Path]:
+    """Training loss (and its BCE / LM parts) and the validation metrics against the step."""
+    train = [entry for entry in log_history if "loss" in entry]
+    evals = [entry for entry in log_history if "eval_auc" in entry]
+    if not train and not evals:
+        return None
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "bce_loss", "lm_loss"):
+        points = [(entry["step"], entry[key]) for entry in train if key in entry]
+        if points:
+            left.plot(*zip(*points), label=key)
+    left.set_xlabel("step")
+    left.set_title("training loss")
+    left.legend()
+    for key in ("eval_auc", "eval_uauc", "eval_ndcg_at_5"):
+        points = [(entry["step"], entry[key]) for entry in evals if key in entry and not math.isnan(entry[key])]
+        if points:
+            right.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
+    right.set_xlabel("step")
+    right.set_title("validation")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def _cell(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def model_card(
+    repo_id: Optional[str],
+    stage: str,
+    backbone: str,
+    cf_model_type: str,
+    records_source: str,
+    train_rows: int,
+    metrics: dict[str, float],
+    cf_metrics: Optional[dict[str, float]],
+    template: str,
+) -> str:
+    """Model card (README.md) stating data, stages, metrics and how to load the model."""
+    name = repo_id or "path/to/this/folder"
+    rows = [("AUC", "auc"), ("UAUC", "uauc"), ("NDCG@5", "ndcg@5"), ("warm AUC", "warm/auc"), ("cold AUC", "cold/auc")]
+    header = "| metric | this model |" + (f" {cf_model_type} alone |" if cf_metrics else "")
+    lines = [header, "|---|---|" + ("---|" if cf_metrics else "")]
+    for label, key in rows:
+        cells = f"| {label} | {_cell(metrics.get(key))} |"
+        if cf_metrics:
+            cells += f" {_cell(cf_metrics.get(key))} |"
+        lines.append(cells)
+    table = "\n".join(lines)
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["recommendation", "thinkrec", "lora", "custom_code"],
+        "base_model": backbone,
+    }
+    front = "\n".join(f"{key}: {json.dumps(value)}" for key, value in metadata.items())
+    return f"""---
+{front}
+---
+
+# ThinkRec recommender ({stage} stage)
+
+A causal LM recommender trained with the ThinkRec repository: it reads a prompt about a user
+(liked titles{", plus " + cf_model_type + " collaborative vectors injected as soft tokens" if cf_model_type != "none" else ""})
+and a target item, and answers "Yes"/"No" (optionally with a reason). The score is the logit of
+"Yes" at the last prompt position.
+
+- Backbone: `{backbone}` (frozen), LoRA adapter and projector stored unmerged in `model.safetensors`.
+- Collaborative model: `{cf_model_type}` (frozen tables saved with the model).
+- Training stage: `{stage}`; prompt template: `{template}`.
+- Data: `{records_source}`, {train_rows:,} training rows.
+
+## Test metrics
+
+{table}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+# Build batches with the repository's data_collator.ThinkRecCollator, then:
+# probabilities = model.score(**batch)          # P("Yes") per row, one forward pass
+# answers = model.generate(**prompt_only_batch)  # verdict and reason
+```
+"""

@@ -1,0 +1,564 @@
+#!/usr/bin/env python
+"""Train, evaluate, predict and publish a ThinkRec recommender.
+
+    accelerate launch run_thinkrec.py args.json            # one .json file with every argument
+    accelerate launch run_thinkrec.py --records_dir ... --output_dir ... --stage lora --do_train
+
+Stages are configuration, each starting from the previous stage's output directory
+(`init_from`): `lora` trains a LoRA adapter on text-only prompts (TALLRec-style, stage 1),
+`projector` trains the projector that turns collaborative vectors into soft tokens with the LoRA
+frozen (CoLLM-style, stage 2), `joint` trains both. Reasoning rows (`mode="reason"`) are mixed
+into the recommendation rows row by row at `reasoning_share`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from collaborative_models import load_cf_checkpoint
+from configuration_thinkrec import ThinkRecConfig
+from data_collator import ThinkRecCollator, load_templates
+from metrics import compute_metrics, format_metrics
+from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
+from records_io import load_prepared
+from reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
+from thinkrec_trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
+
+
+logger = logging.getLogger("run_thinkrec")
+
+BUNDLED_BACKBONE = "smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "collaborative"}
+SLOT_PLACEHOLDERS = ("<UserID>", "<TargetItemID>")
+LOSS_WEIGHTS = ("reason_bce_weight", "reason_lm_weight", "rec_bce_weight", "rec_lm_weight")
+
+
+@dataclass
+class ModelArguments:
+    """Which backbone, which collaborative model, which adapter."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Backbone: any HF causal LM id or path, or 'smollm2' for the bundled SmolLM2-135M-Instruct "
+                  "(the default when starting fresh). With init_from it is only checked against the checkpoint."},
+    )
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "Output directory of the previous stage (a ThinkRec checkpoint) to start from."}
+    )
+    cf_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "train_collaborative.py output folder: frozen user/item tables for the id slots "
+                  "(needed by the projector and joint stages when init_from has none)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": f"Backbone weights: one of {list(DTYPES)} (projector and LoRA stay float32)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the backbone 4-bit (NF4) through bitsandbytes."})
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. 'sdpa', 'eager', 'flash_attention_2'."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Backbone modules that get a LoRA adapter."}
+    )
+    score_type: str = field(
+        default="yes_logit", metadata={"help": "'yes_logit' (published: raw logit of 'Yes') or 'yes_no_log_odds'."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for the backbone."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        if self.score_type not in ("yes_logit", "yes_no_log_odds"):
+            raise ValueError(f"score_type must be 'yes_logit' or 'yes_no_log_odds', got {self.score_type!r}.")
+
+
+@dataclass
+class DataArguments:
+    """Which records, which prompts, how many rows."""
+
+    records_dir: str = field(metadata={"help": "Prepared records folder (prepare_data.py output)."})
+    reason_records: Optional[str] = field(
+        default=None,
+        metadata={"help": "Parquet or JSON-lines file of reasoning rows (record columns, mode='reason', non-empty reason), "
+                  "e.g. reflect.py output; mixed into training at reasoning_share."},
+    )
+    template: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompt template name in templates/ or a file path (default: text_only for stage lora, "
+                  "collaborative for projector/joint)."},
+    )
+    history_item_slots: bool = field(default=False, metadata={"help": "Put an item id slot after every history title."})
+    max_prompt_tokens: Optional[int] = field(
+        default=512, metadata={"help": "Token budget of a prompt; history titles are dropped oldest first to fit."}
+    )
+    use_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the train split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the validation split."})
+    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the test split."})
+    generate_reasons_for: int = field(
+        default=0, metadata={"help": "At predict time, generate the verdict and reason text for the first N test rows."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation length for those rows."})
+
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when set, got {value}.")
+
+
+@dataclass
+class ThinkRecTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the ThinkRec stage, loss weights and reasoning-row share."""
+
+    stage: str = field(default="lora", metadata={"help": f"One of {TRAINING_STAGES}."})
+    reasoning_share: float = field(default=0.2, metadata={"help": "Probability that a training row is a reasoning row."})
+    reason_bce_weight: Optional[float] = field(default=None, metadata={"help": "Reasoning rows: BCE weight (default 0.1)."})
+    reason_lm_weight: Optional[float] = field(default=None, metadata={"help": "Reasoning rows: LM weight (default 0.9)."})
+    rec_bce_weight: Optional[float] = field(default=None, metadata={"help": "Recommendation rows: BCE weight (default 0.9)."})
+    rec_lm_weight: Optional[float] = field(default=None, metadata={"help": "Recommendation rows: LM weight (default 0.1)."})
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement of metric_for_best_model."}
+    )
+    hub_dataset_source: Optional[str] = field(default=None, metadata={"help": "Dataset repo id named in the model card."})
+    # Defaults that differ from TrainingArguments'.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads raw record fields."})
+    metric_for_best_model: Optional[str] = field(default="auc", metadata={"help": "Validation metric that picks the best checkpoint."})
+    greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Whether a larger metric_for_best_model is better."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (published: 1e-4)."})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (published: 1e-3)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Warmup then cosine (published)."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, wandb, none..."})
+
+    def __post_init__(self):
+        if self.stage not in TRAINING_STAGES:
+            raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {self.stage!r}.")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False: ThinkRecCollator builds prompts from raw record fields.")
+        if not 0 <= self.reasoning_share < 1:
+            raise ValueError(f"reasoning_share must be in [0, 1), got {self.reasoning_share}.")
+        super().__post_init__()
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, ThinkRecTrainingArguments]:
+    """One `.json` file (unknown keys are an error) or command-line flags."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, ThinkRecTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _subset(dataset: datasets.Dataset, size: Optional[int], seed: int) -> datasets.Dataset:
+    """A seeded random subset kept in the split's own order (so histories stay readable)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
+    return dataset.select(rows)
+
+
+def load_reason_rows(path: str) -> datasets.Dataset:
+    """Reasoning rows from a Parquet or JSON-lines file; every row needs mode='reason' and a reason."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reason_records: no such file {path}")
+    frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_json(path, lines=True, dtype=False)
+    if "reason" not in frame or "mode" not in frame:
+        raise ValueError(f"{path}: reasoning rows need 'reason' and 'mode' columns; found {list(frame.columns)}.")
+    wrong = frame.index[(frame["mode"] != "reason") | (frame["reason"].fillna("").str.strip() == "")]
+    if len(wrong):
+        raise ValueError(f"{path}: row {wrong[0]} is not a reasoning row (mode must be 'reason' and reason non-empty).")
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
+    records = load_prepared(data_args.records_dir)
+    splits = {}
+    for name, size in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples), ("test", data_args.max_test_samples)):
+        dataset = datasets.Dataset.from_pandas(records.splits[name], preserve_index=False)
+        if len(dataset) == 0:
+            raise ValueError(f"{data_args.records_dir}: the {name} split is empty.")
+        splits[name] = _subset(dataset, size, seed)
+    return splits, records.metadata
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def resolve_backbone(name_or_path: Optional[str]) -> str:
+    if name_or_path in (None, BUNDLED_BACKBONE):
+        from backbones import smollm2_model_dir
+
+        return str(smollm2_model_dir())
+    return name_or_path
+
+
+def check_same_backbone(model: ThinkRecForCausalLM, name_or_path: str, init_from: str) -> None:
+    """Stop when the requested backbone is not the one the checkpoint was trained on."""
+    expected = AutoConfig.from_pretrained(resolve_backbone(name_or_path))
+    found = model.config.text_config
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if getattr(expected, key, None) != getattr(found, key, None):
+            raise ValueError(
+                f"init_from={init_from} was trained on another backbone: its {key} is {getattr(found, key, None)!r}, "
+                f"model_name_or_path={name_or_path} has {getattr(expected, key, None)!r}."
+            )
+
+
+def load_backbone(model_args: ModelArguments):
+    """The causal LM and its tokenizer, in the requested precision (4-bit through bitsandbytes)."""
+    path = resolve_backbone(model_args.model_name_or_path)
+    kwargs = {"dtype": DTYPES[model_args.dtype], "trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=DTYPES[model_args.dtype] if model_args.dtype != "float32" else torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
+    language_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    return language_model, tokenizer, path
+
+
+def with_collaborative_vectors(model: ThinkRecForCausalLM, tokenizer, cf_checkpoint) -> ThinkRecForCausalLM:
+    """A text-only ThinkRec model (stage 1) with frozen CF tables and a fresh projector, keeping its LM
+    and LoRA adapter as they are."""
+    config = model.config
+    kept = {name: getattr(config, name) for name in (*LOSS_WEIGHTS, "score_type", "tokens_per_id", "projector_width_multiplier")}
+    combined = ThinkRecForCausalLM.from_language_model(
+        model.language_model, tokenizer, cf_checkpoint, generation_config=model.generation_config, **kept
+    )
+    # The LM already carries the adapter: record it without injecting a second one.
+    combined.config.lora_config = config.lora_config
+    return combined
+
+
+def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict):
+    stage = training_args.stage
+    cf = load_cf_checkpoint(model_args.cf_checkpoint) if model_args.cf_checkpoint else None
+    needs_cf = stage in ("projector", "joint")
+    if model_args.init_from:
+        if not os.path.isfile(os.path.join(model_args.init_from, "config.json")):
+            raise FileNotFoundError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
+        model = ThinkRecForCausalLM.from_pretrained(model_args.init_from, dtype=DTYPES[model_args.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
+        if model_args.model_name_or_path is not None:
+            check_same_backbone(model, model_args.model_name_or_path, model_args.init_from)
+        backbone = model.config.text_config._name_or_path or model_args.init_from
+        if needs_cf and model.config.cf_model_type == "none":
+            if cf is None:
+                raise ValueError(f"stage {stage!r} needs collaborative vectors: init_from has none, so set cf_checkpoint.")
+            model = with_collaborative_vectors(model, tokenizer, cf)
+        elif cf is not None and model.config.cf_model_type != "none":
+            logger.info("init_from already holds %s tables; cf_checkpoint is used for the baseline only", model.config.cf_model_type)
+    else:
+        if needs_cf and cf is None:
+            raise ValueError(f"stage {stage!r} needs collaborative vectors: set cf_checkpoint (train_collaborative.py output).")
+        language_model, tokenizer, backbone = load_backbone(model_args)
+        model = ThinkRecForCausalLM.from_language_model(
+            language_model, tokenizer, cf if needs_cf else None, score_type=model_args.score_type
+        )
+    if stage in ("lora", "joint") and not model.has_lora:
+        model.add_lora(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+        )
+    for name in LOSS_WEIGHTS:
+        if getattr(training_args, name) is not None:
+            setattr(model.config, name, getattr(training_args, name))
+    trainable = model.set_training_stage(stage)
+    logger.info("stage %s: %d trainable tensors, %s parameters", stage, len(trainable),
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    check_records_fit(model.config, metadata)
+    return model, tokenizer, backbone, cf
+
+
+def check_records_fit(config: ThinkRecConfig, metadata: dict) -> None:
+    """Stop before training when record ids have no row in the model's CF tables."""
+    if config.cf_model_type == "none":
+        return
+    problems = []
+    if config.cf_model_type != "sasrec" and metadata["num_users"] > config.num_users:
+        problems.append(f"largest UserID {metadata['num_users'] - 1} >= user table size {config.num_users}")
+    if metadata["num_items"] > config.num_items:
+        problems.append(f"largest ItemID {metadata['num_items'] - 1} >= item table size {config.num_items}")
+    if problems:
+        raise ValueError(
+            "records do not fit the model's collaborative tables: " + "; ".join(problems)
+            + ". Train the collaborative model on the same prepared records."
+        )
+
+
+def check_template(template: str, model: ThinkRecForCausalLM, stage: str) -> None:
+    """The prompts must carry id slots exactly when the model injects collaborative vectors."""
+    texts = load_templates(template)
+    has_slots = any(any(p in text for p in SLOT_PLACEHOLDERS) for text in texts)
+    if model.config.cf_model_type == "none" and has_slots:
+        raise ValueError(f"template {template!r} has id slots ({SLOT_PLACEHOLDERS}) but stage {stage!r} uses a text-only model; "
+                         "use the text_only template or a projector/joint stage with cf_checkpoint.")
+    if stage in ("projector", "joint") and not has_slots:
+        raise ValueError(f"stage {stage!r} trains the projector but template {template!r} has no id slot {SLOT_PLACEHOLDERS}; "
+                         "the projector would get no gradient. Use the collaborative template.")
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def cf_alone_scores(model: ThinkRecForCausalLM, cf, dataset: datasets.Dataset) -> Optional[np.ndarray]:
+    """Scores of the collaborative model by itself on `dataset` (from the model's tables, else `cf`)."""
+    user_ids = torch.tensor(dataset["UserID"])
+    item_ids = torch.tensor(dataset["TargetItemID"])
+    with torch.no_grad():
+        if model.config.cf_model_type != "none":
+            item_table = model.item_table.weight.float().cpu()
+            if model.sequence_encoder is not None:
+                encoder, user_table = model.sequence_encoder, None
+            else:
+                encoder, user_table = None, model.user_table.weight.float().cpu()
+        elif cf is not None:
+            item_table, user_table, encoder = cf.item_table.float(), cf.user_table, cf.sequence_encoder
+        else:
+            return None
+        if encoder is not None:
+            histories = [[i for i, label in zip(ids, labels) if label == 1] or [0] for ids, labels in zip(dataset["HisItemIDs"], dataset["HisItemLabels"])]
+            width = max(len(h) for h in histories)
+            padded = torch.tensor([[0] * (width - len(h)) + h for h in histories])
+            encoder = encoder.float().cpu().eval()
+            users = torch.cat([encoder.encode(chunk) for chunk in padded.split(4096)])
+        else:
+            users = user_table.float()[user_ids]
+        return (users * item_table[item_ids]).sum(-1).numpy()
+
+
+def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Verdict and reason text for `rows`, generated with the injected vectors, stopping at EOS."""
+    collator = ThinkRecCollator(tokenizer, include_answers=False, **collator_kwargs)
+    texts = []
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start : start + batch_size])
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        new_tokens = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            user_slot_ids=batch["user_slot_ids"],
+            item_slot_ids=batch["item_slot_ids"],
+            history_item_ids=batch["history_item_ids"],
+            max_new_tokens=max_new_tokens,
+        )
+        texts += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return texts
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in metrics.items()}
+
+
+def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, training_args, collator_kwargs) -> dict:
+    """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons."""
+    output = trainer.predict(test, metric_key_prefix="test")
+    if not trainer.is_world_process_zero():
+        return {}
+    scores = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
+    user_ids, labels = np.asarray(test["UserID"]), np.asarray(test["label"])
+    not_cold = np.asarray(test["not_cold"])
+    metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold)
+    print(format_metrics(metrics, title=f"test ({len(test):,} rows)"))
+    out = Path(training_args.output_dir)
+    predictions = pd.DataFrame(
+        {"UserID": user_ids, "TargetItemID": np.asarray(test["TargetItemID"]), "label": labels,
+         "score": 1 / (1 + np.exp(-scores)), "not_cold": not_cold}
+    )
+    cf_metrics = None
+    cf_scores = cf_alone_scores(model, cf, test)
+    curves = {"ThinkRec": (labels, scores)}
+    if cf_scores is not None:
+        cf_metrics = compute_metrics(user_ids, labels, cf_scores, not_cold=not_cold)
+        cf_name = model.config.cf_model_type if model.config.cf_model_type != "none" else cf.model_type
+        curves[f"{cf_name} alone"] = (labels, cf_scores)
+        print(f"{cf_name.upper()} alone: AUC {cf_metrics['auc']:.4f}, UAUC {cf_metrics['uauc']:.4f}; "
+              f"this model: AUC {metrics['auc']:.4f}, UAUC {metrics['uauc']:.4f}")
+    if len(set(labels.tolist())) == 2:
+        plot_roc_curves(curves, out / "roc_curve.png")
+    if data_args.generate_reasons_for > 0:
+        count = min(data_args.generate_reasons_for, len(test))
+        rows = [test[i] for i in range(count)]
+        texts = generate_reasons(model, tokenizer, collator_kwargs, rows, data_args.max_new_tokens, training_args.per_device_eval_batch_size)
+        generated = [None] * len(test)
+        for index, text in enumerate(texts):
+            generated[index] = text
+        predictions["generated"] = generated
+        agree = [verdict_of(text) == int(scores[i] > 0) for i, text in enumerate(texts)]
+        metrics["generated_rows"] = float(count)
+        metrics["verdict_agrees_with_score"] = float(np.mean(agree))
+        for index, text in enumerate(texts[:5]):
+            print(f"[user {rows[index]['UserID']} / {rows[index]['TargetItemTitle']!r} / label {rows[index]['label']} / "
+                  f"P(Yes)={predictions['score'][index]:.3f}] {text[:200]}")
+        with open(out / "generation_settings.json", "w", encoding="utf-8") as handle:
+            json.dump({**model.generation_config.to_dict(), "max_new_tokens": data_args.max_new_tokens}, handle, indent=2)
+    predictions.to_parquet(out / "test_predictions.parquet", index=False)
+    result = {"test": _json_safe(metrics)}
+    if cf_metrics is not None:
+        result["cf_alone"] = _json_safe(cf_metrics)
+    with open(out / "test_results.json", "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    datasets.utils.logging.set_verbosity_warning()
+    logger.info("stage %s, output %s", training_args.stage, training_args.output_dir)
+    set_seed(training_args.seed)
+    # Trainer would push every checkpoint; we push the final, self-contained folder once, at the end.
+    push_requested, training_args.push_to_hub = training_args.push_to_hub, False
+
+    splits, metadata = load_splits(data_args, training_args.seed)
+    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata)
+    template = data_args.template or STAGE_TEMPLATES[training_args.stage]
+    check_template(template, model, training_args.stage)
+    collator_kwargs = {
+        "template": template,
+        "history_item_slots": data_args.history_item_slots,
+        "max_prompt_tokens": data_args.max_prompt_tokens,
+        "use_chat_template": data_args.use_chat_template,
+        "tokens_per_id": model.config.tokens_per_id,
+        "seed": training_args.seed,
+    }
+    collator = ThinkRecCollator(tokenizer, **collator_kwargs)
+
+    train_rows = splits["train"]
+    if data_args.reason_records:
+        train_rows = interleave_reasoning_rows(
+            splits["train"], load_reason_rows(data_args.reason_records), training_args.reasoning_share, training_args.seed
+        )
+        logger.info("training rows: %d (%d reasoning)", len(train_rows), sum(m == "reason" for m in train_rows["mode"]))
+    callbacks = []
+    if training_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    trainer = ThinkRecTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows if training_args.do_train else None,
+        eval_dataset=splits["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=metrics_for(splits["validation"]),
+        callbacks=callbacks,
+    )
+
+    results: dict = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
+            # A run killed mid-training picks up where it stopped.
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+            if checkpoint:
+                logger.info("resuming from %s", checkpoint)
+        start = time.perf_counter()
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(train_result.metrics, train_rows=len(train_rows), train_seconds=time.perf_counter() - start)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        results["train"] = train_metrics
+        if trainer.is_world_process_zero():
+            plot_training_curves(trainer.state.log_history, Path(training_args.output_dir) / "training_curves.png")
+
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results["eval"] = eval_metrics
+
+    if training_args.do_predict:
+        trainer.compute_metrics = metrics_for(splits["test"])
+        results.update(predict(trainer, model, tokenizer, cf, splits["test"], data_args, training_args, collator_kwargs))
+
+    if trainer.is_world_process_zero():
+        card = model_card(
+            repo_id=training_args.hub_model_id,
+            stage=training_args.stage,
+            backbone=backbone,
+            cf_model_type=model.config.cf_model_type,
+            records_source=training_args.hub_dataset_source or metadata.get("source", data_args.records_dir),
+            train_rows=len(train_rows),
+            metrics=results.get("test", {}),
+            cf_metrics=results.get("cf_alone"),
+            template=template,
+        )
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        Path(training_args.output_dir, "README.md").write_text(card, encoding="utf-8")
+        if not training_args.do_train:
+            trainer.save_model()
+        if push_requested:
+            push_folder(training_args)
+    return results
+
+
+def push_folder(training_args: ThinkRecTrainingArguments) -> None:
+    """Upload the final model folder (weights, config with auto_map, code, tokenizer, card), not the
+    intermediate checkpoints. The token comes from `hub_token` or the HF_TOKEN environment variable."""
+    from huggingface_hub import HfApi
+
+    if not training_args.hub_model_id:
+        raise ValueError("push_to_hub needs hub_model_id (e.g. 'me/thinkrec-ml1m').")
+    api = HfApi(token=training_args.hub_token or os.environ.get("HF_TOKEN"))
+    api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
+    api.upload_folder(
+        repo_id=training_args.hub_model_id,
+        folder_path=training_args.output_dir,
+        ignore_patterns=["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth"],
+        commit_message=f"ThinkRec {training_args.stage} stage",
+    )
+    logger.info("pushed %s to %s", training_args.output_dir, training_args.hub_model_id)
+
+
+if __name__ == "__main__":
+    main()

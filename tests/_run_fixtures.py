@@ -1,0 +1,52 @@
+"""Small real inputs for run_thinkrec tests: prepared records, a tiny Llama backbone folder with the
+SmolLM2 tokenizer, and an MF checkpoint trained on nothing (random tables of the right size)."""
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from backbones import smollm2_tokenizer_dir, tiny_llama  # noqa: E402
+from collaborative_models import MatrixFactorization, save_cf_checkpoint  # noqa: E402
+from data_preparation import RecordOptions, prepare_records  # noqa: E402
+from data_readers import InteractionLog  # noqa: E402
+from records_io import save_prepared  # noqa: E402
+
+
+def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0):
+    """Ratings where even items are liked, so a model can learn something in a few steps."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(num_users):
+        for step, item in enumerate(rng.choice(num_items, per_user, replace=False)):
+            rating = 5.0 if item % 2 == 0 else 1.0
+            rows.append((f"u{user}", f"i{item}", 1000 * step + user, rating))
+    interactions = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(num_items)], "title": [f"Film {i} ({1960 + i})" for i in range(num_items)],
+                          "genres": "", "description": ""})
+    records = prepare_records(InteractionLog(interactions, items, "toy"), RecordOptions(split_ratios=[0.6, 0.2, 0.2]))
+    save_prepared(records, directory)
+    return records.metadata
+
+
+def write_backbone(directory, seed=0):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    model = tiny_llama(len(tokenizer), hidden_size=32, num_attention_heads=2, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_mf(directory, num_users, num_items, dim=8, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    save_cf_checkpoint(MatrixFactorization(num_users, num_items, dim), str(directory))
+    return directory

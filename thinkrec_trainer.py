@@ -1,0 +1,122 @@
+"""The Trainer pieces ThinkRec needs: loss-part logging, score-only evaluation, metrics from scores,
+and per-row interleaving of reasoning and recommendation rows."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import datasets
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer
+
+from metrics import compute_metrics
+
+
+class ThinkRecTrainer(Trainer):
+    """`Trainer` that logs the BCE and LM parts of the mixed loss and evaluates from per-row scores.
+
+    Evaluation never gathers vocabulary logits: `prediction_step` returns the per-row score logits
+    (one float per row) and the 0/1 targets; `compute_metrics` turns them into AUC / UAUC / NDCG.
+    The model sets `accepts_loss_kwargs = False`, so gradient accumulation divides its per-batch
+    mean loss by the number of accumulation steps (tests/test_modeling.py proves the equivalence).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_part_sums = {"bce_loss": 0.0, "lm_loss": 0.0}
+        self._loss_part_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            # Averaged over the logging window and reported next to the total loss.
+            self._loss_part_sums["bce_loss"] += float(outputs.bce_loss.detach().mean())
+            self._loss_part_sums["lm_loss"] += float(outputs.lm_loss.detach().mean())
+            self._loss_part_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self._loss_part_count:
+            for name, total in self._loss_part_sums.items():
+                logs[name] = round(total / self._loss_part_count, 4)
+            self._loss_part_sums = dict.fromkeys(self._loss_part_sums, 0.0)
+            self._loss_part_count = 0
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach() if outputs.loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, outputs.scores.detach().float(), inputs["target_labels"].detach().float()
+
+
+# What evaluation during training logs; the full table (every k, counts) is written at predict time.
+LOGGED_METRICS = ("auc", "uauc", "gauc", "ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "map@5",
+                  "warm/auc", "warm/uauc", "cold/auc", "cold/uauc")
+
+
+def metrics_for(dataset: datasets.Dataset, ks=(1, 3, 5, 10)):
+    """A `compute_metrics` for Trainer bound to one evaluation dataset (its user ids and cold flags).
+
+    Trainer keeps the dataset order when it gathers predictions (also across ranks, after dropping
+    the padding of the last batch), so row i of the predictions is row i of `dataset`.
+    """
+    user_ids = np.asarray(dataset["UserID"])
+    not_cold = np.asarray(dataset["not_cold"]) if "not_cold" in dataset.column_names else None
+    labels = np.asarray(dataset["label"], dtype=np.float64)
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        scores = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1)
+        targets = np.asarray(prediction.label_ids, dtype=np.float64).reshape(-1)
+        if len(scores) != len(user_ids):
+            raise ValueError(f"evaluation returned {len(scores)} scores for {len(user_ids)} rows.")
+        if not np.array_equal(targets, labels):
+            raise ValueError("evaluation rows came back in another order than the dataset's; metrics would be wrong.")
+        metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold, ks=ks)
+        return {
+            name.replace("@", "_at_").replace("/", "_"): metrics[name]
+            for name in LOGGED_METRICS
+            if name in metrics and not _is_nan(metrics[name])
+        }
+
+    return compute
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def interleave_reasoning_rows(
+    rec_rows: datasets.Dataset,
+    reason_rows: Optional[datasets.Dataset],
+    reasoning_share: float,
+    seed: int,
+) -> datasets.Dataset:
+    """Mix reasoning rows into recommendation rows row by row: each drawn row is a reasoning row with
+    probability `reasoning_share` (the published 0.2), until the recommendation rows run out.
+    Reasoning rows are reused (oversampled) when there are fewer than the share asks for."""
+    if reason_rows is None or len(reason_rows) == 0 or reasoning_share <= 0:
+        return rec_rows
+    if not 0 < reasoning_share < 1:
+        raise ValueError(f"reasoning_share must be in [0, 1), got {reasoning_share}.")
+    columns = [c for c in rec_rows.column_names if c in reason_rows.column_names]
+    rec_rows = rec_rows.select_columns(columns)
+    reason_rows = reason_rows.select_columns(columns).cast(rec_rows.features)
+    # Interleave, then cut when the recommendation rows are used up ("first_exhausted" would stop at
+    # the smaller dataset; "all_exhausted" oversamples both).
+    wanted_reason_rows = int(round(len(rec_rows) * reasoning_share / (1 - reasoning_share)))
+    repeats = max(1, math.ceil(wanted_reason_rows / len(reason_rows)))
+    if repeats > 1:
+        reason_rows = datasets.concatenate_datasets([reason_rows] * repeats)
+    mixed = datasets.interleave_datasets(
+        [rec_rows, reason_rows],
+        probabilities=[1 - reasoning_share, reasoning_share],
+        seed=seed,
+        stopping_strategy="first_exhausted",
+    )
+    return mixed
