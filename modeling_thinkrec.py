@@ -453,11 +453,15 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         if labels is not None:
             if mode is None or target_labels is None:
                 raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
-            score_column = self.prompt_length(labels) - 1
+            self.prompt_length(labels)  # checks every row has an answer starting at one shared column
+            # Vocabulary logits only where they are used: the positions that predict an answer token.
+            # The first of them in each row is the last prompt position, where the score is read.
+            shifted_labels = labels[:, 1:]
+            answer_mask = shifted_labels != IGNORE_INDEX
+            predicts_answer = F.pad(answer_mask, (0, 1), value=False)
+            logits_to_keep = 0 if return_logits else predicts_answer
         else:
-            score_column = sequence_length - 1
-        # Only the columns from the score position on are turned into vocabulary logits.
-        logits_to_keep = 0 if return_logits else sequence_length - score_column
+            logits_to_keep = 0 if return_logits else 1
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -467,19 +471,26 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         logits = outputs.logits
-        first_kept = sequence_length - logits.shape[1]
-        scores = self._score_logits(logits[:, score_column - first_kept])
+        full_logits = None
+        if return_logits:
+            full_logits = logits
+            logits = logits[predicts_answer] if labels is not None else logits[:, -1]
+        elif labels is None:
+            logits = logits[:, -1]
 
         loss = bce_loss = lm_loss = None
-        if labels is not None:
+        if labels is None:
+            scores = self._score_logits(logits)
+        else:
+            # `logits` is [n_answer_tokens, vocab], rows in batch order; each row's first entry is its score position.
+            tokens_per_row = predicts_answer.sum(-1)
+            row_of_token = torch.repeat_interleave(torch.arange(batch_size, device=logits.device), tokens_per_row)
+            first_token = tokens_per_row.cumsum(0) - tokens_per_row
+            scores = self._score_logits(logits[first_token])
             bce_loss = F.binary_cross_entropy_with_logits(scores, target_labels.float(), reduction="none")
-            # Column c predicts the token at c + 1: answer logits start at the score column.
-            answer_logits = logits[:, score_column - first_kept : -1].float()
-            answer_labels = labels[:, score_column + 1 :]
-            token_loss = F.cross_entropy(
-                answer_logits.transpose(1, 2), answer_labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            lm_loss = token_loss.sum(-1) / (answer_labels != IGNORE_INDEX).sum(-1)
+            token_loss = F.cross_entropy(logits.float(), shifted_labels[answer_mask], reduction="none")
+            lm_loss = torch.zeros(batch_size, dtype=token_loss.dtype, device=token_loss.device)
+            lm_loss = lm_loss.index_add(0, row_of_token, token_loss) / tokens_per_row
             is_reason = mode == MODE_REASON
             config = self.config
             bce_weight = torch.where(is_reason, config.reason_bce_weight, config.rec_bce_weight)
@@ -491,7 +502,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             scores=scores,
             bce_loss=bce_loss,
             lm_loss=lm_loss,
-            logits=logits if return_logits else None,
+            logits=full_logits,
         )
 
     @torch.no_grad()
