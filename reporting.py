@@ -65,14 +65,16 @@ def plot_training_curves(log_history: list[dict], path: os.PathLike | str) -> Op
             left.plot(*zip(*points), label=key)
     left.set_xlabel("step")
     left.set_title("training loss")
-    left.legend()
+    if left.get_legend_handles_labels()[0]:
+        left.legend()
     for key in ("eval_auc", "eval_uauc", "eval_ndcg_at_5"):
         points = [(entry["step"], entry[key]) for entry in evals if key in entry and not math.isnan(entry[key])]
         if points:
             right.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
     right.set_xlabel("step")
     right.set_title("validation")
-    right.legend()
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -57,7 +57,7 @@ class ThinkRecTrainer(Trainer):
 
 # What evaluation during training logs; the full table (every k, counts) is written at predict time.
 LOGGED_METRICS = ("auc", "uauc", "gauc", "ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "map@5",
-                  "warm/auc", "warm/uauc", "cold/auc", "cold/uauc")
+                  "warm/auc", "warm/uauc", "cold/auc", "cold/uauc", "n_rows")
 
 
 def metrics_for(dataset: datasets.Dataset, ks=(1, 3, 5, 10)):
@@ -97,26 +97,28 @@ def interleave_reasoning_rows(
     reasoning_share: float,
     seed: int,
 ) -> datasets.Dataset:
-    """Mix reasoning rows into recommendation rows row by row: each drawn row is a reasoning row with
-    probability `reasoning_share` (the published 0.2), until the recommendation rows run out.
-    Reasoning rows are reused (oversampled) when there are fewer than the share asks for."""
+    """Mix reasoning rows into recommendation rows row by row: each position holds a reasoning row with
+    probability `reasoning_share` (the published 0.2), until every recommendation row is used once.
+    Reasoning rows cycle through a shuffled order, so they are reused when there are too few."""
     if reason_rows is None or len(reason_rows) == 0 or reasoning_share <= 0:
         return rec_rows
     if not 0 < reasoning_share < 1:
         raise ValueError(f"reasoning_share must be in [0, 1), got {reasoning_share}.")
     columns = [c for c in rec_rows.column_names if c in reason_rows.column_names]
+    missing = sorted(set(rec_rows.column_names) - set(columns))
+    if missing:
+        raise ValueError(f"reasoning rows lack the record column(s) {missing} that recommendation rows have.")
     rec_rows = rec_rows.select_columns(columns)
     reason_rows = reason_rows.select_columns(columns).cast(rec_rows.features)
-    # Interleave, then cut when the recommendation rows are used up ("first_exhausted" would stop at
-    # the smaller dataset; "all_exhausted" oversamples both).
-    wanted_reason_rows = int(round(len(rec_rows) * reasoning_share / (1 - reasoning_share)))
-    repeats = max(1, math.ceil(wanted_reason_rows / len(reason_rows)))
-    if repeats > 1:
-        reason_rows = datasets.concatenate_datasets([reason_rows] * repeats)
-    mixed = datasets.interleave_datasets(
-        [rec_rows, reason_rows],
-        probabilities=[1 - reasoning_share, reasoning_share],
-        seed=seed,
-        stopping_strategy="first_exhausted",
-    )
-    return mixed
+    rng = np.random.default_rng(seed)
+    n_rec = len(rec_rows)
+    # Enough Bernoulli draws to place every recommendation row (with a wide margin), then cut there.
+    draws = rng.random(int(n_rec / (1 - reasoning_share) * 1.5) + 64) < reasoning_share
+    end = int(np.searchsorted(np.cumsum(~draws), n_rec)) + 1
+    is_reason = draws[:end]
+    n_reason = int(is_reason.sum())
+    cycle = np.concatenate([rng.permutation(len(reason_rows)) for _ in range(n_reason // len(reason_rows) + 1)])[:n_reason]
+    order = np.empty(end, dtype=np.int64)
+    order[~is_reason] = np.arange(n_rec)
+    order[is_reason] = n_rec + cycle
+    return datasets.concatenate_datasets([rec_rows, reason_rows]).select(order)

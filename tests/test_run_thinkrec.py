@@ -1,0 +1,255 @@
+"""run_thinkrec.py end to end on a tiny backbone: stages, evaluation, prediction, resume, publishing,
+bad input, and two CPU ranks through `accelerate launch`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_thinkrec
+from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
+from thinkrec_trainer import interleave_reasoning_rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_assets")
+    metadata = write_records(root / "records")
+    write_backbone(root / "backbone")
+    write_mf(root / "mf", metadata["num_users"], metadata["num_items"])
+    return {"root": root, "records": root / "records", "backbone": root / "backbone", "mf": root / "mf", "metadata": metadata}
+
+
+def arguments(assets, output_dir, **overrides):
+    args = {
+        "records_dir": str(assets["records"]),
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 2,
+        "save_steps": 2,
+        "eval_strategy": "no",
+        "report_to": "none",
+        "do_train": True,
+        "seed": 7,
+    }
+    args.update(overrides)
+    return args
+
+
+def run(tmp_path, args, name="args.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(args))
+    return run_thinkrec.main([str(path)])
+
+
+@pytest.fixture(scope="module")
+def stage1(assets, tmp_path_factory):
+    """A text-only LoRA model (stage 1) with evaluation, prediction and generation."""
+    tmp_path = tmp_path_factory.mktemp("stage1")
+    args = arguments(
+        assets,
+        tmp_path / "out",
+        model_name_or_path=str(assets["backbone"]),
+        stage="lora",
+        eval_strategy="steps",
+        eval_steps=2,
+        do_eval=True,
+        do_predict=True,
+        generate_reasons_for=3,
+        max_new_tokens=6,
+        cf_checkpoint=str(assets["mf"]),
+    )
+    results = run(tmp_path, args)
+    return tmp_path / "out", results
+
+
+def test_stage1_writes_metrics_predictions_plots_and_card(stage1, assets):
+    output_dir, results = stage1
+    test_rows = assets["metadata"]["rows"]["test"]
+    assert 0.0 <= results["test"]["auc"] <= 1.0
+    assert results["test"]["n_rows"] == test_rows
+    assert "cf_alone" in results  # the MF baseline measured on the same rows
+    predictions = pd.read_parquet(output_dir / "test_predictions.parquet")
+    assert len(predictions) == test_rows
+    assert predictions["score"].between(0, 1).all()
+    assert predictions["generated"].notna().sum() == 3
+    for name in ("roc_curve.png", "training_curves.png", "README.md", "config.json", "model.safetensors",
+                 "modeling_thinkrec.py", "generation_settings.json", "test_results.json"):
+        assert (output_dir / name).is_file(), name
+    log_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    train_logs = [entry for entry in log_history if "loss" in entry]
+    assert train_logs and all("bce_loss" in entry and "lm_loss" in entry for entry in train_logs)
+    assert any("eval_auc" in entry for entry in log_history)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["cf_model_type"] == "none" and config["lora_config"]["r"] == 8
+
+
+def test_stage2_trains_the_projector_and_keeps_the_stage1_lora(stage1, assets, tmp_path):
+    stage1_dir, _ = stage1
+    args = arguments(assets, tmp_path / "out", init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]), stage="projector")
+    run(tmp_path, args)
+    before, after = load_file(stage1_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    lora = [name for name in before if "lora_" in name]
+    assert lora and all(torch.equal(before[name], after[name]) for name in lora)
+    projector = [name for name in after if name.startswith("projector.")]
+    assert projector and not any(name in before for name in projector)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["cf_model_type"] == "mf" and config["lora_config"] is not None
+    mf = load_file(assets["mf"] / "model.safetensors")
+    assert torch.equal(after["user_table.weight"], mf["user_table"])
+
+
+def test_unknown_key_in_the_args_file_stops(assets, tmp_path):
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), learning_rat=1e-3)
+    with pytest.raises(ValueError, match="learning_rat"):
+        run(tmp_path, args)
+
+
+def test_projector_stage_needs_a_template_with_slots_and_a_cf_checkpoint(stage1, assets, tmp_path):
+    stage1_dir, _ = stage1
+    with pytest.raises(ValueError, match="no id slot"):
+        run(tmp_path, arguments(assets, tmp_path / "a", init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]),
+                                stage="projector", template="text_only"))
+    with pytest.raises(ValueError, match="set cf_checkpoint"):
+        run(tmp_path, arguments(assets, tmp_path / "b", init_from=str(stage1_dir), stage="projector"))
+
+
+def test_records_whose_ids_exceed_the_cf_tables_stop_before_training(assets, tmp_path):
+    small = write_mf(tmp_path / "small_mf", 3, 3)
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), cf_checkpoint=str(small), stage="joint")
+    with pytest.raises(ValueError, match=r"largest UserID \d+ >= user table size 3"):
+        run(tmp_path, args)
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_a_checkpoint_from_another_backbone_is_refused(stage1, tmp_path, assets):
+    stage1_dir, _ = stage1
+    from backbones import tiny_llama
+
+    other = tiny_llama(100, hidden_size=48, num_attention_heads=2)
+    other.save_pretrained(tmp_path / "other")
+    args = arguments(assets, tmp_path / "out", init_from=str(stage1_dir), model_name_or_path=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="hidden_size is 32.*has 48"):
+        run(tmp_path, args)
+
+
+def test_an_empty_train_split_stops(assets, tmp_path):
+    records = tmp_path / "records"
+    shutil.copytree(assets["records"], records)
+    metadata = json.loads((records / "metadata.json").read_text())
+    train_file = records / metadata["files"]["train"]
+    pd.read_parquet(train_file).head(0).to_parquet(train_file)
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), records_dir=str(records))
+    with pytest.raises(ValueError, match="train split is empty"):
+        run(tmp_path, args)
+
+
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(assets, tmp_path):
+    common = dict(model_name_or_path=str(assets["backbone"]), stage="lora", max_steps=6, save_steps=3, do_predict=True)
+    uninterrupted = run(tmp_path, arguments(assets, tmp_path / "full", **common), "full.json")
+    killed = arguments(assets, tmp_path / "killed", **common)
+    run(tmp_path, killed, "killed.json")
+    # Leave the folder as a run killed after step 3 would: only checkpoint-3 exists.
+    for path in (tmp_path / "killed").iterdir():
+        if path.name != "checkpoint-3":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run(tmp_path, killed, "killed.json")
+    assert resumed["test"]["auc"] == pytest.approx(uninterrupted["test"]["auc"], abs=1e-9)
+    full_weights = load_file(tmp_path / "full" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "killed" / "model.safetensors")
+    for name in (n for n in full_weights if "lora_" in n):
+        torch.testing.assert_close(resumed_weights[name], full_weights[name])
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_with_remote_code(stage1, assets, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_collator import ThinkRecCollator
+
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):  # network call
+        uploaded["repo"] = repo_id
+
+    def fake_upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):  # network call
+        shutil.copytree(folder_path, tmp_path / "hub", ignore=shutil.ignore_patterns(*ignore_patterns))
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    stage1_dir, _ = stage1
+    args = arguments(assets, tmp_path / "out", init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]), stage="projector",
+                     push_to_hub=True, hub_model_id="someone/thinkrec-toy")
+    run(tmp_path, args)
+    hub = tmp_path / "hub"
+    assert uploaded["repo"] == "someone/thinkrec-toy"
+    assert not list(hub.glob("checkpoint-*")) and (hub / "README.md").is_file()
+    assert "someone/thinkrec-toy" in (hub / "README.md").read_text()
+    remote = AutoModelForCausalLM.from_pretrained(hub, trust_remote_code=True).eval()
+    local = run_thinkrec.ThinkRecForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(hub)
+    rows = datasets.load_dataset(str(assets["records"]), split="test").select(range(6)).to_list()
+    batch = ThinkRecCollator(tokenizer, template="collaborative", include_answers=False)(rows)
+    torch.testing.assert_close(remote.score(**batch), local.score(**batch))
+
+
+def test_reasoning_rows_are_mixed_in_per_row_at_the_share():
+    rec = datasets.Dataset.from_dict({"UserID": list(range(4000)), "mode": ["rec"] * 4000, "reason": [""] * 4000})
+    reason = datasets.Dataset.from_dict({"UserID": list(range(50)), "mode": ["reason"] * 50, "reason": ["Yes. x"] * 50})
+    mixed = interleave_reasoning_rows(rec, reason, 0.2, seed=0)
+    modes = np.array(mixed["mode"])
+    share = (modes == "reason").mean()
+    assert 0.17 < share < 0.23
+    assert (modes == "rec").sum() == 4000  # every recommendation row is used once
+    first_half = (modes[: len(modes) // 2] == "reason").mean()
+    assert 0.15 < first_half < 0.25  # mixed row by row, not appended in a block
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_identical_weights_and_evaluate_every_row_once(assets, tmp_path):
+    output_dir = tmp_path / "ddp"
+    args = arguments(assets, output_dir, model_name_or_path=str(assets["backbone"]), stage="lora", do_eval=True,
+                     per_device_train_batch_size=2, max_steps=3, save_steps=100, do_predict=True)
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(args))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", THINKREC_DUMP_RANK_WEIGHTS=str(tmp_path))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(REPO_ROOT, "accelerate_configs", "cpu_two_ranks.yaml"),
+               os.path.join(REPO_ROOT, "tests", "_launch_and_dump.py"), str(path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    rank0, rank1 = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    results = json.loads((output_dir / "test_results.json").read_text())
+    assert results["test"]["n_rows"] == assets["metadata"]["rows"]["test"]
+    evaluation = json.loads((output_dir / "eval_results.json").read_text())
+    assert evaluation["eval_n_rows"] == assets["metadata"]["rows"]["validation"]  # gathered from both ranks, once
+
+
+def test_qlora_4bit_backbone_trains(assets, tmp_path):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        AutoModelForCausalLM.from_pretrained(
+            assets["backbone"], quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+        )
+    except (RuntimeError, ImportError, ValueError, NotImplementedError) as error:
+        pytest.skip(f"bitsandbytes {bitsandbytes.__version__} cannot load 4-bit weights on this device: {error}")
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), load_in_4bit=True, max_steps=2)
+    results = run(tmp_path, args)
+    assert results["train"]["train_loss"] > 0
