@@ -64,7 +64,13 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     directory, name = smollm2_gguf()
 
     def build(path):
-        AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).save_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        # The weights are already dequantised to float32; drop the GGUF quantizer marker, which
+        # save_pretrained refuses to serialise, so the folder is an ordinary safetensors checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(path)
         AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path)
 
     return _publish(build, root / "smollm2-135m-instruct")
