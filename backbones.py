@@ -39,7 +39,12 @@ def _publish(build, target: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    build(staging)
+    try:
+        build(staging)
+    except BaseException:
+        # A failed conversion must not leave a half-written folder behind.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(target)
     except OSError:
