@@ -181,19 +181,21 @@ def test_lightgcn_graph_is_symmetric_normalised():
 
 
 def write_prepared_dir(directory: Path, frames: dict[str, pd.DataFrame]) -> Path:
-    """A prepared records folder as docs/records.md describes it."""
-    (directory / "data").mkdir(parents=True)
-    for name, frame in frames.items():
-        frame.to_parquet(directory / "data" / f"{name}.parquet", index=False)
+    """A prepared records folder (docs/records.md), written by the project's own save_prepared."""
+    import pyarrow as pa
+
+    from data_preparation import PreparedRecords
+    from records_io import save_prepared
+
     items = pd.DataFrame({"ItemID": np.arange(1, NUM_ITEMS), "original_id": [str(i) for i in range(1, NUM_ITEMS)]})
     items = items.assign(title=[f"item {i}" for i in items["ItemID"]], genres="", description="")
-    items.to_parquet(directory / "items.parquet", index=False)
     users = pd.DataFrame({"UserID": np.arange(1, NUM_USERS), "original_id": [str(u) for u in range(1, NUM_USERS)]})
-    users.to_parquet(directory / "users.parquet", index=False)
     metadata = {"num_users": NUM_USERS, "num_items": NUM_ITEMS, "padding_id": 0, "max_history": 10,
-                "history_mode": "positives", "source": "synthetic parity", "output_format": "parquet"}
-    (directory / "metadata.json").write_text(json.dumps(metadata))
-    return directory
+                "history_mode": "positives", "split_mode": "random", "source": "synthetic parity",
+                "rows": {name: len(frame) for name, frame in frames.items()},
+                "positive_rate": {name: float(frame["label"].mean()) for name, frame in frames.items()}}
+    splits = {name: pa.Table.from_pandas(frame, preserve_index=False) for name, frame in frames.items()}
+    return save_prepared(PreparedRecords(splits=splits, items=items, users=users, metadata=metadata), directory)
 
 
 @pytest.mark.parametrize("model_type", ["mf", "sasrec"])
@@ -203,7 +205,7 @@ def test_train_collaborative_main_end_to_end(model_type, records, tmp_path, caps
     outcome = train_collaborative.main([
         "--records_dir", str(records_dir), "--model_type", model_type, "--output_dir", str(output_dir),
         "--embedding_dim", "16", "--max_len", "10", "--batch_size", "128", "--max_epochs", "30", "--patience", "5",
-        "--grid", '{"learning_rate": [1e-4, 1e-2]}',
+        "--grid", '{"learning_rate": [1e-4, 1e-2]}', "--num_threads", "0",  # 0: leave the test process threads alone
     ])
     printed = capsys.readouterr().out
     assert "validation auc" in printed and "test       ndcg@5" in printed
