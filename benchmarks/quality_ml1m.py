@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Does the LLM recommender beat the collaborative model it reads? ML-1M (CoLLM split).
+
+Rows: MF alone, text-only LoRA (stage 1, TALLRec-style), stage 1 + projector (stage 2,
+CoLLM-style); AUC / UAUC / warm / cold AUC on the same test rows.
+
+    python benchmarks/quality_ml1m.py                    # --preset cpu: seeded subsets, ~90 min on 2 cores
+    python benchmarks/quality_ml1m.py --preset gpu       # the full protocol (all rows, bf16, eval + best checkpoint)
+
+Presets (same script, only sizes and precision differ):
+  cpu: train on a fixed seeded subset of the train split per stage, evaluate on a fixed seeded
+       subset of >= 2,000 test rows, short prompts (history trimmed to the token budget);
+  gpu: every train row, the whole validation split for checkpoint choice, the whole test split.
+
+MF comes from train_collaborative.py with the reproduction settings (trained here unless
+--mf_checkpoint is given). Last line: one JSON object
+{"train_rows", "test_rows", "mf": {"auc", "uauc", ...}, "stage1": {...}, "stage2": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
+
+PRESETS = {
+    "cpu": {
+        "train_rows": 1536,
+        "eval_rows": 300,
+        "test_rows": 2000,
+        "max_prompt_tokens": 160,
+        "dtype": "bfloat16",
+        "train_batch_size": 8,
+        "eval_batch_size": 32,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "epochs": 1,
+        "eval_strategy": "no",
+    },
+    "gpu": {
+        "train_rows": None,
+        "eval_rows": None,
+        "test_rows": None,
+        "max_prompt_tokens": 512,
+        "dtype": "bfloat16",
+        "train_batch_size": 16,
+        "eval_batch_size": 64,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-4,
+        "epochs": 2,
+        "eval_strategy": "steps",
+    },
+}
+
+
+def run_stage(name: str, settings: dict, args, records: Path, output: Path, extra: dict) -> tuple[dict, float]:
+    """One run_thinkrec.py stage in-process; returns its test metrics and wall seconds."""
+    import run_thinkrec
+
+    config = {
+        "records_dir": str(records),
+        "output_dir": str(output / name),
+        "max_train_samples": settings["train_rows"],
+        "max_eval_samples": settings["eval_rows"],
+        "max_test_samples": settings["test_rows"],
+        "max_prompt_tokens": settings["max_prompt_tokens"],
+        "dtype": settings["dtype"],
+        "per_device_train_batch_size": settings["train_batch_size"],
+        "per_device_eval_batch_size": settings["eval_batch_size"],
+        "gradient_accumulation_steps": settings["gradient_accumulation_steps"],
+        "learning_rate": settings["learning_rate"],
+        "num_train_epochs": settings["epochs"],
+        "warmup_steps": 10,
+        "logging_steps": 10,
+        "eval_strategy": settings["eval_strategy"],
+        "save_strategy": "steps" if settings["eval_strategy"] == "steps" else "no",
+        "do_train": True,
+        "do_predict": True,
+        "report_to": "none",
+        "seed": args.seed,
+        **extra,
+    }
+    if settings["eval_strategy"] == "steps":
+        config.update(eval_steps=500, save_steps=500, load_best_model_at_end=True, save_total_limit=2, do_eval=True)
+    path = output / f"{name}.json"
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    start = time.perf_counter()
+    results = run_thinkrec.main([str(path)])
+    return results, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--data", default=os.environ.get("THINKREC_ML1M_DIR", str(DEFAULT_DATA)))
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "quality_ml1m"))
+    parser.add_argument("--backbone", default="smollm2", help="Any HF causal LM id/path; 'smollm2' = bundled.")
+    parser.add_argument("--mf_checkpoint", default=None, help="Reuse a train_collaborative.py MF folder.")
+    parser.add_argument("--train_rows", type=int, default=None, help="Override the preset's train subset size.")
+    parser.add_argument("--test_rows", type=int, default=None, help="Override the preset's test subset size.")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    if not data.is_dir():
+        print(f"skipped: the ML-1M benchmark split is not at {data} (set --data or THINKREC_ML1M_DIR).")
+        print(json.dumps({"skipped": f"no data at {data}"}))
+        return
+    settings = dict(PRESETS[args.preset])
+    if args.train_rows is not None:
+        settings["train_rows"] = args.train_rows
+    if args.test_rows is not None:
+        settings["test_rows"] = args.test_rows
+    output = Path(args.output_dir) / args.preset
+
+    import prepare_data
+    import train_collaborative
+
+    records = output / "records"
+    prepare_data.main(["--source", "collm", "--data_path", str(data), "--output_dir", str(records)])
+    mf_dir = Path(args.mf_checkpoint) if args.mf_checkpoint else output / "mf"
+    if not args.mf_checkpoint:
+        train_collaborative.main(["--model_type", "mf", "--records_dir", str(records), "--output_dir", str(mf_dir)])
+
+    stage1, stage1_seconds = run_stage(
+        "stage1_lora", settings, args, records, output,
+        {"stage": "lora", "model_name_or_path": args.backbone, "cf_checkpoint": str(mf_dir)},
+    )
+    stage2, stage2_seconds = run_stage(
+        "stage2_projector", settings, args, records, output,
+        {"stage": "projector", "init_from": str(output / "stage1_lora"), "cf_checkpoint": str(mf_dir)},
+    )
+    summary = lambda m: {key: m.get(key) for key in ("auc", "uauc", "warm/auc", "cold/auc", "n_rows")}  # noqa: E731
+    table = {"mf": summary(stage2["cf_alone"]), "stage1": summary(stage1["test"]), "stage2": summary(stage2["test"])}
+    seconds = {"mf": None, "stage1": stage1_seconds, "stage2": stage2_seconds}
+
+    def cell(value):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    print(f"\nML-1M CoLLM split, preset {args.preset}, backbone {args.backbone}: "
+          f"{settings['train_rows'] or 'all'} train rows per stage, {table['mf']['n_rows']} test rows")
+    print(f"{'model':<28}{'AUC':>8}{'UAUC':>8}{'warm AUC':>10}{'cold AUC':>10}{'seconds':>10}")
+    names = {"mf": "MF alone", "stage1": "stage 1 (text-only LoRA)", "stage2": "stage 2 (+ MF projector)"}
+    for key, label in names.items():
+        row = table[key]
+        print(f"{label:<28}{cell(row['auc']):>8}{cell(row['uauc']):>8}{cell(row['warm/auc']):>10}{cell(row['cold/auc']):>10}"
+              f"{(f'{seconds[key]:.0f}' if seconds[key] else '-'):>10}")
+    gain = table["stage2"]["auc"] - table["mf"]["auc"]
+    print(f"stage 2 - MF alone: {gain:+.4f} AUC (aim: >= +0.02)")
+    print(json.dumps({
+        "preset": args.preset,
+        "train_rows": settings["train_rows"],
+        "test_rows": table["mf"]["n_rows"],
+        **{key: {"auc": row["auc"], "uauc": row["uauc"], "warm_auc": row["warm/auc"], "cold_auc": row["cold/auc"]}
+           for key, row in table.items()},
+        "stage1_seconds": round(stage1_seconds, 1),
+        "stage2_seconds": round(stage2_seconds, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
