@@ -1,0 +1,731 @@
+"""Where reasons come from: one `ReasonSource` interface and three sources — `SynthesisedReasons`
+(no model, explains a label from the row's own data), `LocalTeacher` (any HF causal LM) and
+`RemoteTeacher` (an OpenAI-compatible chat API with retries and a resumable cache).
+
+Every source returns, per row, a reason that starts with the verdict ("Yes." / "No.") agreeing with
+the row's label, capped in tokens at a sentence boundary — or no reason, with why.
+
+    >>> source = SynthesisedReasons(seed=0)
+    >>> result, = source.explain([{"UserID": 1, "TargetItemID": 2, "TargetItemTitle": "Heat (1995)",
+    ...     "HisItemIDs": [], "HisItemTitles": [], "label": 0}])
+    >>> result.reason.startswith("No.")
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from reporting import verdict_of
+
+
+logger = logging.getLogger("reason_sources")
+
+KEPT, REJECTED_VERDICT, FAILED = "kept", "rejected_verdict", "failed"
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_WORD = re.compile(r"\S+")
+_LEADING_VERDICT = re.compile(r"^\W*(yes|no)\b[\s.,:;!\-–—]*", re.IGNORECASE)
+_TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_STOPWORDS = frozenset(
+    "the a an and of in on at to for with from by is it its this that my your his her their our you me we "
+    "i he she they them as or but not no be was are were de la le el les der die das part ii iii iv".split()
+)
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ReasonResult:
+    """The outcome for one row: `reason` is set only when `status == "kept"`."""
+
+    user_id: int
+    item_id: int
+    label: int
+    status: str
+    reason: Optional[str] = None
+    raw_text: Optional[str] = None
+    truncated: bool = False
+    cached: bool = False
+    error: Optional[str] = None
+
+
+@dataclass
+class ReasonCounters:
+    """What a source did: rows asked, answers received, answers whose verdict disagreed with the label,
+    rows that got no usable answer, answers served from the cache, reasons cut to the length cap, and
+    retried requests (remote)."""
+
+    asked: int = 0
+    answered: int = 0
+    rejected_verdict: int = 0
+    failed: int = 0
+    cached: int = 0
+    truncated: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------ length cap
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated words: the token count used when no tokenizer is given."""
+    return len(_WORD.findall(text))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences ending in . ! or ? (a closing quote or bracket stays with its sentence)."""
+    return [piece for piece in _SENTENCE_END.split(text.strip()) if piece]
+
+
+def cap_length(text: str, max_tokens: int, count_tokens: Callable[[str], int] = word_count) -> tuple[str, bool]:
+    """(text, was_cut): `text` cut to at most `max_tokens` at the last sentence boundary that fits.
+    When not even the first sentence after the verdict fits, that sentence is cut after its last
+    whole word that fits and closed with "..." — never mid-word."""
+    text = text.strip()
+    if count_tokens(text) <= max_tokens:
+        return text, False
+    sentences = split_sentences(text)
+    kept: list[str] = []
+    for sentence in sentences:
+        candidate = " ".join(kept + [sentence])
+        if count_tokens(candidate) > max_tokens:
+            break
+        kept.append(sentence)
+    # Keep at least one explaining sentence after the verdict ("Yes." alone explains nothing).
+    minimum = 2 if sentences and verdict_of(sentences[0]) is not None and word_count(sentences[0]) == 1 else 1
+    if len(kept) >= minimum:
+        return " ".join(kept), True
+    head, sentence = kept[: minimum - 1], sentences[len(kept)]
+    words = sentence.split()
+    while words:
+        words.pop()
+        candidate = " ".join(head + [" ".join(words).rstrip(",;:") + "..."]) if words else " ".join(head)
+        if count_tokens(candidate) <= max_tokens:
+            return candidate, True
+    return " ".join(head), True
+
+
+def normalise_verdict(text: str) -> tuple[Optional[int], str]:
+    """(verdict, text rewritten to start with "Yes." or "No." then the explanation), or (None, text)."""
+    text = (text or "").strip()
+    match = _LEADING_VERDICT.match(text)
+    if match is None:
+        return None, text
+    verdict = 1 if match.group(1).lower() == "yes" else 0
+    rest = text[match.end():].strip()
+    rest = rest[:1].upper() + rest[1:]
+    return verdict, ("Yes." if verdict else "No.") + (f" {rest}" if rest else "")
+
+
+# ------------------------------------------------------------------------------------- interface
+
+
+class ReasonSource:
+    """Turns rows (record dicts: UserID, TargetItemID, TargetItemTitle, HisItemTitles, label, ...) into
+    `ReasonResult`s. Subclasses implement `draft(rows)` → one raw answer (or None + error) per row;
+    this class keeps an answer only if its verdict agrees with the label and caps its length."""
+
+    name = "source"
+
+    def __init__(self, max_reason_tokens: int = 200, count_tokens: Optional[Callable[[str], int]] = None):
+        if max_reason_tokens < 4:
+            raise ValueError(f"max_reason_tokens must be >= 4 (a verdict and a few words), got {max_reason_tokens}.")
+        self.max_reason_tokens = max_reason_tokens
+        self.count_tokens = count_tokens or word_count
+        self.counters = ReasonCounters()
+
+    def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
+        """(raw answer, error) per row."""
+        raise NotImplementedError(f"{type(self).__name__} must implement draft(rows).")
+
+    def explain(self, rows: list[dict]) -> list[ReasonResult]:
+        """One result per row, in order; never raises for a bad answer (it is counted instead)."""
+        self._check_rows(rows)
+        self.counters.add(asked=len(rows))
+        drafts = self.draft(rows)
+        return [self.finish(row, text, error) for row, (text, error) in zip(rows, drafts)]
+
+    def _check_rows(self, rows: list[dict]) -> None:
+        for index, row in enumerate(rows):
+            for name in ("UserID", "TargetItemID", "label"):
+                if name not in row:
+                    raise ValueError(f"{self.name}: row {index} has no {name!r} field (record columns: docs/records.md).")
+
+    def finish(self, row: dict, text: Optional[str], error: Optional[str], cached: bool = False) -> ReasonResult:
+        """Check the verdict against the label, normalise the lead and cap the length."""
+        result = ReasonResult(int(row["UserID"]), int(row["TargetItemID"]), int(row["label"]), FAILED, raw_text=text, cached=cached)
+        if text is None or not text.strip():
+            result.error = error or "empty answer"
+            self.counters.add(failed=1)
+            return result
+        if not cached:
+            self.counters.add(answered=1)
+        verdict, normalised = normalise_verdict(text)
+        if verdict is None:
+            result.error = "answer does not start with Yes or No"
+            self.counters.add(failed=1)
+            return result
+        if verdict != result.label:
+            result.status, result.error = REJECTED_VERDICT, f"verdict {verdict} disagrees with label {result.label}"
+            self.counters.add(rejected_verdict=1)
+            return result
+        reason, truncated = cap_length(normalised, self.max_reason_tokens, self.count_tokens)
+        result.status, result.reason, result.truncated = KEPT, reason, truncated
+        if truncated:
+            self.counters.add(truncated=1)
+        return result
+
+
+def kept_reasons(results: Iterable[ReasonResult]) -> dict[tuple[int, int], str]:
+    """{(UserID, TargetItemID): reason} of the kept results."""
+    return {(r.user_id, r.item_id): r.reason for r in results if r.status == KEPT}
+
+
+# ----------------------------------------------------------------------------------- synthesiser
+
+
+def _as_list(value) -> list:
+    """A record list field (list, numpy array from pandas, or None) as a list."""
+    return [] if value is None else list(value)
+
+
+def _genres(text) -> list[str]:
+    return [g.strip() for g in str(text or "").split("|") if g.strip()]
+
+
+def _genre_phrase(genre: str) -> str:
+    return genre.lower().replace("film-noir", "film noir")
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def _quoted(title: str) -> str:
+    return f'"{title}"'
+
+
+def _title_words(title: str) -> set[str]:
+    words = re.findall(r"[a-z0-9']+", _TITLE_YEAR.sub("", str(title)).lower())
+    return {w for w in words if len(w) >= 4 and w not in _STOPWORDS and not w.isdigit()}
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+class SynthesisedReasons(ReasonSource):
+    """Explains a row's label from its own data, no model: overlap of the target's genres and title
+    words with the history's, how recent and consistent the related history is, and the target's
+    popularity in train. Deterministic per (seed, user, item); the offline default and fallback.
+
+    Args:
+        items: item table with `ItemID` and `genres` ("|"-separated); None = titles only.
+        train: train split (`TargetItemID` counts give popularity); None = no popularity sentences.
+        seed: picks the phrasing.
+    """
+
+    name = "synthesised"
+
+    def __init__(self, items=None, train=None, seed: int = 0, max_reason_tokens: int = 200,
+                 count_tokens: Optional[Callable[[str], int]] = None):
+        super().__init__(max_reason_tokens, count_tokens)
+        self.seed = seed
+        self.item_genres: dict[int, list[str]] = {}
+        if items is not None and "genres" in items:
+            self.item_genres = {int(i): _genres(g) for i, g in zip(items["ItemID"], items["genres"])}
+        self.popularity: dict[int, int] = {}
+        self.popular_at = self.niche_at = None
+        if train is not None and len(train):
+            counts = train["TargetItemID"].value_counts()
+            self.popularity = {int(i): int(c) for i, c in counts.items()}
+            self.popular_at, self.niche_at = np.quantile(counts.to_numpy(), [0.8, 0.3])
+
+    @classmethod
+    def from_records(cls, records, **kwargs) -> "SynthesisedReasons":
+        """From `records_io.load_prepared(dir)`: its item table and train split."""
+        return cls(items=records.items, train=records.splits["train"], **kwargs)
+
+    def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
+        return [(self.synthesise(row), None) for row in rows]
+
+    # Facts about one row, gathered once and read by the sentence builders.
+    def _facts(self, row: dict) -> dict:
+        titles = [str(t) for t in _as_list(row.get("HisItemTitles"))]
+        ids = [int(i) for i in _as_list(row.get("HisItemIDs"))]
+        labels = _as_list(row.get("HisItemLabels")) or [1] * len(ids)
+        target_genres = self.item_genres.get(int(row["TargetItemID"]), [])
+        target_words = _title_words(row.get("TargetItemTitle", ""))
+        history = []
+        for position, (item_id, title, liked) in enumerate(zip(ids, titles, labels)):
+            genres = self.item_genres.get(item_id, [])
+            history.append({
+                "title": title,
+                "ago": len(ids) - position,  # 1 = the most recent
+                "liked": int(liked) == 1,
+                "shared": [g for g in genres if g in target_genres],
+                "words": sorted(_title_words(title) & target_words),
+                "genres": genres,
+            })
+        liked = [h for h in history if h["liked"]]
+        disliked = [h for h in history if not h["liked"]]
+        liked_genres = Counter(g for h in liked for g in h["genres"])
+        count = self.popularity.get(int(row["TargetItemID"]), 0)
+        return {
+            "target": _quoted(row.get("TargetItemTitle", f"item {row['TargetItemID']}")),
+            "target_genres": target_genres,
+            "liked": liked,
+            "related": sorted([h for h in liked if h["shared"]], key=lambda h: h["ago"]),
+            "related_disliked": sorted([h for h in disliked if h["shared"]], key=lambda h: h["ago"]),
+            "word_links": [h for h in liked if h["words"]],
+            "top_genres": [g for g, _ in liked_genres.most_common(2)],
+            "recent_genres": [g for g, _ in Counter(g for h in liked if h["ago"] <= 3 for g in h["genres"]).most_common(2)],
+            "shared_counts": Counter(g for h in liked for g in h["shared"]),
+            "count": count,
+            "popular": self.popular_at is not None and count >= self.popular_at,
+            "niche": self.popular_at is not None and count <= self.niche_at,
+        }
+
+    def synthesise(self, row: dict) -> str:
+        """Verdict plus two to four sentences explaining the row's label."""
+        rng = random.Random(f"{self.seed}-{int(row['UserID'])}-{int(row['TargetItemID'])}")
+        facts = self._facts(row)
+        label = int(row["label"])
+        sentences = self._positive(facts, rng) if label == 1 else self._negative(facts, rng)
+        return ("Yes. " if label == 1 else "No. ") + " ".join(sentences)
+
+    def _positive(self, f: dict, rng: random.Random) -> list[str]:
+        out, target = [], f["target"]
+        n_liked, related = len(f["liked"]), f["related"]
+        if related:
+            genre = _genre_phrase(f["shared_counts"].most_common(1)[0][0])
+            examples = _join([_quoted(h["title"]) for h in related[:2]])
+            share = len(related) / max(n_liked, 1)
+            out.append(rng.choice([
+                f"{len(related)} of the {n_liked} movies the user rated highly are {genre} films, such as {examples}, and {target} is {_with_article(genre)} film too.",
+                f"The user keeps coming back to {genre} films like {examples}, and {target} belongs to the same genre.",
+                f"{target} is {_with_article(genre)} movie, a genre that runs through the user's favourites, including {examples}.",
+            ]))
+            newest = related[0]
+            if newest["ago"] <= 2:
+                newest_title = _quoted(newest["title"])
+                subject = f"The most recent of them, {newest_title}," if len(related) > 1 else newest_title
+                out.append(rng.choice([
+                    f"{subject} was among the user's latest picks, so this taste is current.",
+                    f"The interest is fresh: {_quoted(newest['title'])} came right at the end of the history.",
+                ]))
+            elif share >= 0.5:
+                out.append(rng.choice([
+                    "The preference is consistent rather than a one-off, since most of the liked titles share it.",
+                    "This is a steady pattern across the history, not a single lucky match.",
+                ]))
+        elif f["top_genres"]:
+            out.append(rng.choice([
+                f"The user's favourites lean towards {_join([_genre_phrase(g) for g in f['top_genres']])} films, and {target} offers a change of pace that a broad viewer like this tends to enjoy.",
+                f"Although {target} does not share a genre with the liked movies, the user rates a wide range of titles highly.",
+            ]))
+        if f["word_links"]:
+            link = f["word_links"][0]
+            out.append(rng.choice([
+                f"Its title shares \"{link['words'][0]}\" with {_quoted(link['title'])}, which the user enjoyed, hinting at a related story or a sequel.",
+                f"It also looks connected to {_quoted(link['title'])}, a title the user liked.",
+            ]))
+        if f["popular"]:
+            also = " also" if out else ""
+            out.append(rng.choice([
+                f"It is{also} one of the most watched titles in the data ({f['count']} ratings in training), a safe recommendation.",
+                "Its wide popularity makes a positive reaction even more likely.",
+            ]))
+        if not out:
+            out.append(rng.choice([
+                f"With little history to go on, {target} is a reasonable guess for a user who rates most movies they watch highly.",
+                f"The user's short history gives no strong signal against {target}, and it is the kind of title most viewers enjoy.",
+            ]))
+        return out
+
+    def _negative(self, f: dict, rng: random.Random) -> list[str]:
+        out, target = [], f["target"]
+        n_liked, related = len(f["liked"]), f["related"]
+        target_genre = _genre_phrase(f["target_genres"][0]) if f["target_genres"] else None
+        if f["related_disliked"]:
+            miss = f["related_disliked"][0]
+            genre = _genre_phrase(miss["shared"][0])
+            out.append(rng.choice([
+                f"The user gave a low rating to {_quoted(miss['title'])}, another {genre} movie.",
+                f"A similar {genre} title, {_quoted(miss['title'])}, already disappointed this user.",
+            ]))
+        if not related and target_genre and n_liked:
+            favourites = _join([_genre_phrase(g) for g in f["top_genres"]]) or "other genres"
+            out.append(rng.choice([
+                f"None of the {n_liked} movies the user rated highly is {_with_article(target_genre)} film; their favourites are mostly {favourites}.",
+                f"{target} is {_with_article(target_genre)} movie, while the user's highly rated titles are mostly {favourites}.",
+            ]))
+        elif related and len(related) / max(n_liked, 1) < 0.3:
+            out.append(rng.choice([
+                f"Only {len(related)} of the {n_liked} liked movies {'shares' if len(related) == 1 else 'share'} a genre with {target}, so it sits at the edge of the user's taste.",
+                f"The genre link is thin: just {len(related)} of {n_liked} favourites {'resembles' if len(related) == 1 else 'resemble'} {target}.",
+            ]))
+        elif related:
+            genre = _genre_phrase(f["shared_counts"].most_common(1)[0][0])
+            out.append(rng.choice([
+                f"Although the user likes {genre} films such as {_quoted(related[0]['title'])}, they seem selective within the genre, and {target} does not stand out.",
+                f"Liking {genre} movies like {_quoted(related[0]['title'])} does not mean liking every one of them, and {target} is a weaker fit.",
+            ]))
+            if related[0]["ago"] > 3 and f["recent_genres"]:
+                out.append(rng.choice([
+                    f"Those related picks are also far back in the history; lately the user has favoured {_join([_genre_phrase(g) for g in f['recent_genres']])} films.",
+                    f"Recently the user has moved on to {_join([_genre_phrase(g) for g in f['recent_genres']])} titles.",
+                ]))
+        if f["niche"]:
+            also = " also" if out else ""
+            out.append(rng.choice([
+                f"It is{also} a little-watched title ({f['count']} ratings in training), which makes it a riskier suggestion.",
+                "Few people in the data have watched it, another sign it is a hard sell.",
+            ]))
+        if not out:
+            out.append(rng.choice([
+                f"The user's history gives no clear reason to expect enjoyment of {target}.",
+                f"Nothing in what the user liked so far points towards {target}.",
+            ]))
+        return out
+
+
+# --------------------------------------------------------------------------------- teacher prompt
+
+TEACHER_SYSTEM = (
+    "You explain movie recommendations. You are told the true answer; justify it from the user's history "
+    "in two to four sentences. Start with \"Yes.\" or \"No.\" exactly as given."
+)
+
+
+def teacher_prompt(row: dict, max_history: int = 10) -> str:
+    """The question for a teacher: the history, the target and the true answer as a hint."""
+    all_titles = _as_list(row.get("HisItemTitles"))
+    titles = [_quoted(str(t)) for t in all_titles[-max_history:]]
+    labels = (_as_list(row.get("HisItemLabels")) or [1] * len(all_titles))[-max_history:]
+    if any(int(label) == 0 for label in labels):
+        liked = [t for t, label in zip(titles, labels) if int(label) == 1]
+        disliked = [t for t, label in zip(titles, labels) if int(label) == 0]
+        history = f"The user liked: {', '.join(liked) or 'none'}. The user disliked: {', '.join(disliked)}."
+    else:
+        history = f"The user has given high ratings to: {', '.join(titles) or 'no movies yet'}."
+    answer = "Yes" if int(row["label"]) == 1 else "No"
+    return (
+        f"{history}\nWould the user enjoy the movie {_quoted(str(row.get('TargetItemTitle', '')))}?\n"
+        f"The true answer is {answer}. Begin with \"{answer}.\" and explain why in a few sentences."
+    )
+
+
+# ---------------------------------------------------------------------------------- local teacher
+
+
+class LocalTeacher(ReasonSource):
+    """A local HF causal LM as teacher, prompted through its chat template with the true answer as a
+    hint, batched greedy generation.
+
+    Args:
+        model_name_or_path: path or id of a causal LM; None = the bundled SmolLM2-135M-Instruct.
+        prefill_verdict: start the assistant turn with the true verdict ("Yes."), so that small
+            teachers, which often open with filler, explain the given answer instead.
+        batch_size, max_new_tokens: generation settings.
+    """
+
+    name = "local"
+
+    def __init__(self, model_name_or_path: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 160,
+                 prefill_verdict: bool = True, max_reason_tokens: int = 200, dtype=None, model=None, tokenizer=None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if model is None:
+            if model_name_or_path is None:
+                from backbones import smollm2_model_dir
+
+                model_name_or_path = str(smollm2_model_dir())
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype or torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        if tokenizer is None:
+            raise ValueError("LocalTeacher: a model passed in needs its tokenizer too.")
+        if not tokenizer.chat_template:
+            raise ValueError(f"LocalTeacher: the tokenizer of {model_name_or_path or 'the model'} has no chat template.")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_new_tokens, self.prefill_verdict = batch_size, max_new_tokens, prefill_verdict
+        super().__init__(max_reason_tokens, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    def _prompt(self, row: dict) -> str:
+        messages = [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": teacher_prompt(row)}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + (self._verdict(row) if self.prefill_verdict else "")
+
+    @staticmethod
+    def _verdict(row: dict) -> str:
+        return "Yes." if int(row["label"]) == 1 else "No."
+
+    def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
+        import torch
+
+        out: list[tuple[Optional[str], Optional[str]]] = []
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # generation continues every row from the same column
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                batch = self.tokenizer([self._prompt(r) for r in chunk], return_tensors="pt", padding=True,
+                                       add_special_tokens=False).to(self.model.device)
+                with torch.no_grad():
+                    generated = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                                    pad_token_id=pad_id)
+                texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for row, text in zip(chunk, texts):
+                    text = text.strip()
+                    if self.prefill_verdict:
+                        text = f"{self._verdict(row)} {text}" if text else ""
+                    out.append((text, None if text else "empty generation"))
+        finally:
+            self.tokenizer.padding_side = side
+        return out
+
+
+# --------------------------------------------------------------------------------- remote teacher
+
+
+class ReasonCache:
+    """Append-only JSON-lines cache of teacher answers keyed by (UserID, TargetItemID). Each line is
+    flushed and fsynced, so a crash loses at most the line being written; a torn last line is ignored."""
+
+    def __init__(self, path: os.PathLike | str, model: str):
+        self.path, self.model = Path(path), model
+        self._lock = threading.Lock()
+        self.entries: dict[tuple[int, int], str] = {}
+        self.torn_lines = 0
+        self._needs_newline = False
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        self._needs_newline = bool(data) and not data.endswith(b"\n")
+        other_models = 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                key = (int(entry["UserID"]), int(entry["TargetItemID"]))
+                text = str(entry["text"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+                if number == len(lines):  # the last line: a write cut short by a crash
+                    self.torn_lines += 1
+                    logger.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(line))
+                    continue
+                raise ValueError(f"{self.path} line {number}: not a cache entry ({error}); expected "
+                                 "{\"UserID\", \"TargetItemID\", \"model\", \"text\"}.") from error
+            if entry.get("model") != self.model:
+                other_models += 1
+                continue
+            self.entries[key] = text
+        if other_models:
+            logger.info("%s: %d entries from other models are not reused", self.path, other_models)
+
+    def get(self, user_id: int, item_id: int) -> Optional[str]:
+        return self.entries.get((user_id, item_id))
+
+    def put(self, user_id: int, item_id: int, text: str) -> None:
+        line = json.dumps({"UserID": user_id, "TargetItemID": item_id, "model": self.model, "text": text}, ensure_ascii=False)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                if self._needs_newline:  # finish a torn line so this entry starts on its own line
+                    handle.write("\n")
+                    self._needs_newline = False
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.entries[(user_id, item_id)] = text
+
+
+class RemoteTeacher(ReasonSource):
+    """A teacher behind an OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp's server,
+    hosted APIs), asked from a bounded thread pool. Timeouts, connection errors, 429 and 5xx are
+    retried with exponential backoff; malformed, empty or verdict-less answers are retried up to
+    `max_retries` too; then the row is reported as failed. The API key is read from the environment
+    variable named by `api_key_env` at request time and is never stored, logged or cached.
+
+    Args:
+        base_url: e.g. "http://127.0.0.1:8080/v1" (the "/chat/completions" path is appended).
+        model: model name sent with each request.
+        api_key_env: name of the environment variable holding the key (unset = no Authorization header).
+        cache_path: JSON-lines cache; answers found there are not asked again.
+    """
+
+    name = "remote"
+    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, base_url: str, model: str, api_key_env: Optional[str] = "OPENAI_API_KEY",
+                 cache_path: Optional[os.PathLike | str] = None, concurrency: int = 4, max_retries: int = 4,
+                 timeout: float = 60.0, backoff_base: float = 1.0, backoff_max: float = 30.0,
+                 max_tokens: int = 256, temperature: float = 0.0, max_reason_tokens: int = 200,
+                 count_tokens: Optional[Callable[[str], int]] = None):
+        super().__init__(max_reason_tokens, count_tokens)
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}.")
+        if concurrency < 1 or max_retries < 0:
+            raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {concurrency} and {max_retries}.")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.cache = ReasonCache(cache_path, model) if cache_path else None
+
+    def __repr__(self) -> str:
+        return (f"RemoteTeacher(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"concurrency={self.concurrency}, max_retries={self.max_retries}, timeout={self.timeout})")
+
+    def _key(self) -> Optional[str]:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def _scrub(self, message: str) -> str:
+        """Error text with the key removed, in case a server echoes the request headers."""
+        key = self._key()
+        return message.replace(key, "***") if key else message
+
+    def _request(self, row: dict) -> str:
+        """One chat completion; returns the answer text or raises (urllib errors, ValueError on a bad body)."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": teacher_prompt(row)}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        headers = {"Content-Type": "application/json"}
+        key = self._key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            raw = response.read()
+        try:
+            payload = json.loads(raw)
+            content = payload["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"malformed response ({type(error).__name__}): {raw[:120]!r}") from error
+        if not isinstance(content, str):
+            raise ValueError(f"malformed response: message content is {type(content).__name__}, not text")
+        return content
+
+    def _delay(self, attempt: int, error: Optional[urllib.error.HTTPError]) -> float:
+        delay = min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
+        retry_after = error.headers.get("Retry-After") if error is not None and error.headers else None
+        if retry_after:
+            try:
+                delay = max(delay, min(float(retry_after), self.backoff_max))
+            except ValueError:
+                pass  # an HTTP-date Retry-After: keep our own backoff
+        return delay
+
+    def _ask(self, row: dict) -> tuple[Optional[str], Optional[str]]:
+        """The answer for one row with retries, or (None, last error)."""
+        last_error = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.counters.add(retries=1)
+            http_error = None
+            try:
+                text = self._request(row)
+                if not text.strip():
+                    last_error = "empty answer"
+                elif verdict_of(text) is None:
+                    last_error = "answer does not start with Yes or No"
+                else:
+                    return text, None
+            except urllib.error.HTTPError as error:
+                http_error, last_error = error, f"HTTP {error.code}"
+                if error.code not in self.RETRY_STATUS:
+                    return None, self._scrub(f"{last_error} (not retried): {error.reason}")
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+                last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+            except ValueError as error:
+                last_error = str(error)
+            last_error = self._scrub(last_error)
+            if attempt < self.max_retries:
+                logger.debug("user %s item %s: %s; retry %d", row["UserID"], row["TargetItemID"], last_error, attempt + 1)
+                time.sleep(self._delay(attempt, http_error))
+        return None, f"{last_error} after {self.max_retries + 1} attempts"
+
+    def explain(self, rows: list[dict]) -> list[ReasonResult]:
+        self._check_rows(rows)
+        self.counters.add(asked=len(rows))
+        results: list[Optional[ReasonResult]] = [None] * len(rows)
+        to_ask = []
+        for index, row in enumerate(rows):
+            cached = self.cache.get(int(row["UserID"]), int(row["TargetItemID"])) if self.cache else None
+            if cached is not None:
+                self.counters.add(cached=1)
+                results[index] = self.finish(row, cached, None, cached=True)
+            else:
+                to_ask.append(index)
+
+        def work(index: int) -> None:
+            row = rows[index]
+            text, error = self._ask(row)
+            if text is not None and self.cache is not None:
+                self.cache.put(int(row["UserID"]), int(row["TargetItemID"]), text)
+            results[index] = self.finish(row, text, error)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            # list() surfaces a programming error from a worker instead of leaving a None result.
+            list(pool.map(work, to_ask))
+        failures = Counter(r.error for r in results if r.status == FAILED)
+        for error, count in failures.most_common(5):
+            logger.warning("%s: %d rows failed: %s", self.url, count, error)
+        return results
+
+
+SOURCES = ("synthesised", "local", "remote")
+
+__all__ = [
+    "LocalTeacher",
+    "ReasonCache",
+    "ReasonCounters",
+    "ReasonResult",
+    "ReasonSource",
+    "RemoteTeacher",
+    "SOURCES",
+    "SynthesisedReasons",
+    "cap_length",
+    "kept_reasons",
+    "normalise_verdict",
+    "split_sentences",
+    "teacher_prompt",
+    "word_count",
+]
