@@ -519,21 +519,21 @@ class LocalTeacher(ReasonSource):
 
 class ReasonCache:
     """Append-only JSON-lines cache of teacher answers keyed by (UserID, TargetItemID). Each line is
-    flushed and fsynced, so a crash loses at most the line being written; a torn last line is ignored."""
+    flushed and fsynced, so a crash loses at most the line being written; a torn last line is ignored
+    and cut off before the next append."""
 
     def __init__(self, path: os.PathLike | str, model: str):
         self.path, self.model = Path(path), model
         self._lock = threading.Lock()
         self.entries: dict[tuple[int, int], str] = {}
         self.torn_lines = 0
-        self._needs_newline = False
+        self._cut_at: Optional[int] = None  # byte length to truncate a torn tail to before appending
         if self.path.is_file():
             self._load()
 
     def _load(self) -> None:
         data = self.path.read_bytes()
         lines = data.split(b"\n")
-        self._needs_newline = bool(data) and not data.endswith(b"\n")
         other_models = 0
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -545,6 +545,7 @@ class ReasonCache:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
                 if number == len(lines):  # the last line: a write cut short by a crash
                     self.torn_lines += 1
+                    self._cut_at = len(data) - len(line)
                     logger.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(line))
                     continue
                 raise ValueError(f"{self.path} line {number}: not a cache entry ({error}); expected "
@@ -563,10 +564,11 @@ class ReasonCache:
         line = json.dumps({"UserID": user_id, "TargetItemID": item_id, "model": self.model, "text": text}, ensure_ascii=False)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._cut_at is not None:
+                # Drop the torn tail so the new entry starts on a line of its own.
+                os.truncate(self.path, self._cut_at)
+                self._cut_at = None
             with open(self.path, "a", encoding="utf-8") as handle:
-                if self._needs_newline:  # finish a torn line so this entry starts on its own line
-                    handle.write("\n")
-                    self._needs_newline = False
                 handle.write(line + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
