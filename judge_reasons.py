@@ -99,21 +99,29 @@ def _build_wordnet_corpus(source: Path, target: Path) -> None:
 def wordnet_reader():
     """(WordNet reader, None) for METEOR, or (None, why not). Uses nltk's own `wordnet` corpus when
     installed, else the Debian `wordnet-base` database (copied once into the thinkrec cache)."""
+    candidates = [os.environ["WORDNET_DIR"]] if os.environ.get("WORDNET_DIR") else list(WORDNET_SYSTEM_DIRS)
+    return load_wordnet(candidates)
+
+
+def load_wordnet(system_dirs: Sequence[str], try_nltk: bool = True):
+    """(reader, None) from nltk's corpus (when `try_nltk`) or the first of `system_dirs` holding a
+    WordNet database, else (None, why not)."""
     import nltk
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    try:
-        from nltk.corpus import wordnet
+    nltk_error = "not tried"
+    if try_nltk:
+        try:
+            from nltk.corpus import wordnet
 
-        wordnet.synsets("film")
-        return wordnet, None
-    except (LookupError, OSError) as error:
-        nltk_error = type(error).__name__
-    candidates = [os.environ["WORDNET_DIR"]] if os.environ.get("WORDNET_DIR") else list(WORDNET_SYSTEM_DIRS)
-    source = next((Path(c) for c in candidates if (Path(c) / "data.noun").is_file()), None)
+            wordnet.synsets("film")
+            return wordnet, None
+        except (LookupError, OSError) as error:
+            nltk_error = f"{type(error).__name__}, not installed"
+    source = next((Path(c) for c in system_dirs if (Path(c) / "data.noun").is_file()), None)
     if source is None:
-        return None, (f"WordNet not found (nltk 'wordnet' corpus: {nltk_error}; no data.noun in {candidates}); "
-                      "install Debian's wordnet-base or nltk's wordnet corpus")
+        return None, (f"WordNet not found (nltk 'wordnet' corpus: {nltk_error}; no WordNet database in {list(system_dirs)}); "
+                      "install Debian's wordnet-base (apt-get install wordnet-base) or set WORDNET_DIR")
 
     class OfflineWordNet(WordNetCorpusReader):
         """WordNet without the multilingual (OMW) version map, which needs files Debian does not ship."""
