@@ -14,6 +14,7 @@ the row's label, capped in tokens at a sentence boundary — or no reason, with 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -674,7 +675,8 @@ class RemoteTeacher(ReasonSource):
                 http_error, last_error = error, f"HTTP {error.code}"
                 if error.code not in self.RETRY_STATUS:
                     return None, self._scrub(f"{last_error} (not retried): {error.reason}")
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+                # Refused/reset connections, timeouts, DNS errors, bodies cut short (IncompleteRead).
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
             except ValueError as error:
                 last_error = str(error)
