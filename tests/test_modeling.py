@@ -417,3 +417,20 @@ def test_save_and_load_native_and_remote_code_give_identical_scores(tmp_path, mf
     torch.testing.assert_close(torch.tensor(remote["scores"]), expected, rtol=0, atol=1e-6)
     assert remote["slot_ids"] == [model.config.user_slot_token_id, model.config.item_slot_token_id]
     assert REPO_ROOT not in result.stdout
+
+
+def test_trainer_predict_returns_per_row_scores_not_vocabulary_logits(tmp_path, mf_model):
+    model, tokenizer = mf_model
+    records = make_records(5, seed=17)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, remove_unused_columns=False, report_to=[],
+        use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, data_collator=ThinkRecCollator(tokenizer))
+    assert trainer.label_names == ["labels", "target_labels"]
+    prediction = trainer.predict(records)
+    scores, bce_loss, lm_loss = prediction.predictions
+    assert scores.shape == bce_loss.shape == lm_loss.shape == (5,)
+    expected = torch.cat([model.score(**collate(tokenizer, records[i : i + 2])) for i in range(0, 5, 2)])
+    torch.testing.assert_close(torch.sigmoid(torch.from_numpy(scores)), expected, rtol=1e-5, atol=1e-6)
+    assert prediction.label_ids[1].tolist() == [float(r["label"]) for r in records]
