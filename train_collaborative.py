@@ -40,7 +40,7 @@ SPLITS = ("train", "validation", "test")
 REPRODUCTION_DEFAULTS = {
     "mf": {"embedding_dim": 256, "learning_rate": 1e-3, "weight_decay": 1e-4, "batch_size": 256},
     "lightgcn": {"embedding_dim": 64, "learning_rate": 1e-3, "weight_decay": 1e-4, "batch_size": 1024},
-    "sasrec": {"embedding_dim": 64, "learning_rate": 1e-3, "weight_decay": 1e-4, "batch_size": 1024},
+    "sasrec": {"embedding_dim": 64, "learning_rate": 1e-3, "weight_decay": 1e-3, "batch_size": 1024},
 }
 GRID_KEYS = ("embedding_dim", "learning_rate", "weight_decay", "batch_size", "num_layers", "dropout", "num_blocks")
 

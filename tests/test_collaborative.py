@@ -70,6 +70,16 @@ def synthetic_records(seed: int = 0, rows_per_user: int = 24) -> dict[str, pd.Da
     return frames
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """One torch thread while these tests run, restored after: the models are tiny, and a second
+    thread on a shared 2-core machine makes them many times slower."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous_threads)
+
+
 @pytest.fixture(scope="module")
 def records():
     return synthetic_records()
@@ -249,15 +259,6 @@ BENCHMARK_DATA = Path(os.environ.get("ML1M_COLLM_DIR", REPO_ROOT.parent / "share
 @pytest.mark.needs_benchmark_data
 @pytest.mark.skipif(not (BENCHMARK_DATA / "train.parquet").is_file(), reason=f"ML-1M CoLLM split not found at {BENCHMARK_DATA}")
 def test_mf_reproduces_published_ml1m_auc(tmp_path):
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as train_collaborative.py does; a second thread is far slower on shared CPUs
-    try:
-        _check_mf_reproduction(tmp_path)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _check_mf_reproduction(tmp_path):
     from data_preparation import records_from_collm
     from data_readers import read_collm_splits
 
