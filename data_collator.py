@@ -60,7 +60,8 @@ class ThinkRecCollator:
     Outputs (`torch.Tensor`s): `input_ids`, `attention_mask` [B, T]; `labels` [B, T] (answers only);
     `mode` [B] (0 rec / 1 reason); `target_labels` [B] float; `user_ids`, `item_ids` [B] (for UAUC);
     `user_slot_ids`, `item_slot_ids` [B, S] ids in order of appearance of their slot tokens,
-    right-padded with 0; `history_item_ids` [B, L] the full history, left-padded with 0 (SASRec).
+    right-padded with 0; `history_item_ids` [B, L] the liked history items (those with
+    `HisItemLabels == 1` when the records carry labels), left-padded with 0 (SASRec's input).
 
     Example:
 
@@ -223,7 +224,7 @@ class ThinkRecCollator:
             prompts.append(prompt_ids)
             user_slots.append(user_ids)
             item_slots.append(item_ids)
-            histories.append([int(item_id) for item_id in record["HisItemIDs"]])
+            histories.append(_liked_history(record))
             if self.include_answers:
                 answers.append(self.build_answer(record, row))
 
@@ -252,6 +253,14 @@ class ThinkRecCollator:
         batch["item_slot_ids"] = _pad(item_slots, left=False)
         batch["history_item_ids"] = _pad(histories, left=True)
         return batch
+
+
+def _liked_history(record: dict) -> list[int]:
+    """History items SASRec encodes: the liked ones (ThinkRec-style histories also hold dislikes)."""
+    labels = record.get("HisItemLabels")
+    if labels is None:
+        return [int(item_id) for item_id in record["HisItemIDs"]]
+    return [int(item_id) for item_id, label in zip(record["HisItemIDs"], labels) if int(label) == 1]
 
 
 def _pad(rows: list[list[int]], left: bool) -> torch.Tensor:

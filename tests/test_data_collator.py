@@ -191,3 +191,12 @@ def test_template_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not one of"):
         load_templates("no_such_template")
     assert TEMPLATE_DIR.endswith("templates")
+
+
+def test_sasrec_history_keeps_only_liked_items(tokenizer):
+    """ThinkRec-style histories carry dislikes too; SASRec was trained on liked items only."""
+    collator = ThinkRecCollator(tokenizer, template="collaborative")
+    record = {"UserID": 1, "HisItemIDs": [4, 5, 6], "HisItemTitles": ["A (1990)", "B (1991)", "C (1992)"],
+              "HisItemLabels": [1, 0, 1], "TargetItemID": 7, "TargetItemTitle": "D (1993)", "label": 1,
+              "mode": "rec", "reason": ""}
+    assert collator([record])["history_item_ids"].tolist() == [[4, 6]]
