@@ -421,10 +421,7 @@ def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, tr
         count = min(data_args.generate_reasons_for, len(test))
         rows = [test[i] for i in range(count)]
         texts = generate_reasons(model, tokenizer, collator_kwargs, rows, data_args.max_new_tokens, training_args.per_device_eval_batch_size)
-        generated = [None] * len(test)
-        for index, text in enumerate(texts):
-            generated[index] = text
-        predictions["generated"] = generated
+        predictions["generated"] = texts + [None] * (len(test) - count)
         agree = [verdict_of(text) == int(scores[i] > 0) for i, text in enumerate(texts)]
         metrics["generated_rows"] = float(count)
         metrics["verdict_agrees_with_score"] = float(np.mean(agree))

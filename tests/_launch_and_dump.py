@@ -4,7 +4,6 @@ test can check that both ranks ended with identical parameters."""
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
