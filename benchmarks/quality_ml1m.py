@@ -45,6 +45,9 @@ PRESETS = {
         "learning_rate": 1e-3,
         "epochs": 1,
         "eval_strategy": "no",
+        # logit("Yes") - logit("No"): starts near BCE 0.69; the raw "Yes" logit starts near BCE 4 and
+        # spends a third of a 192-step CPU budget bringing the logit down before ranking anything.
+        "score_type": "yes_no_log_odds",
     },
     "gpu": {
         "train_rows": None,
@@ -58,6 +61,7 @@ PRESETS = {
         "learning_rate": 1e-4,
         "epochs": 2,
         "eval_strategy": "steps",
+        "score_type": "yes_no_log_odds",
     },
 }
 
@@ -108,6 +112,8 @@ def main() -> None:
     parser.add_argument("--mf_checkpoint", default=None, help="Reuse a train_collaborative.py MF folder.")
     parser.add_argument("--train_rows", type=int, default=None, help="Override the preset's train subset size.")
     parser.add_argument("--test_rows", type=int, default=None, help="Override the preset's test subset size.")
+    parser.add_argument("--score_type", choices=["yes_logit", "yes_no_log_odds"], default=None,
+                        help="Override the preset's score (stage 2 inherits stage 1's).")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
@@ -121,6 +127,8 @@ def main() -> None:
         settings["train_rows"] = args.train_rows
     if args.test_rows is not None:
         settings["test_rows"] = args.test_rows
+    if args.score_type is not None:
+        settings["score_type"] = args.score_type
     output = Path(args.output_dir) / args.preset
 
     import prepare_data
@@ -134,7 +142,8 @@ def main() -> None:
 
     stage1, stage1_seconds = run_stage(
         "stage1_lora", settings, args, records, output,
-        {"stage": "lora", "model_name_or_path": args.backbone, "cf_checkpoint": str(mf_dir)},
+        {"stage": "lora", "model_name_or_path": args.backbone, "cf_checkpoint": str(mf_dir),
+         "score_type": settings["score_type"]},
     )
     stage2, stage2_seconds = run_stage(
         "stage2_projector", settings, args, records, output,
