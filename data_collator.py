@@ -49,6 +49,9 @@ class ThinkRecCollator:
     Args:
         tokenizer: the LM tokenizer with the slot tokens added (`ThinkRecForCausalLM.from_language_model`).
         template: a template file path or a name in `templates/` ("text_only", "collaborative", "reflection").
+        reason_template: the template of `mode="reason"` rows, whose answer is a verdict and an explanation
+            (e.g. "reflection", or "reflection_text_only" for text-only models); None = `template` for all rows.
+            Recommendation prompts ask for one word, so reasoning rows need a prompt that asks for the reason.
         history_item_slots: put an item id slot after every history title.
         max_prompt_tokens: token budget of a prompt (None = no limit).
         use_chat_template: wrap the question as a user turn of the tokenizer's chat template (instruct LMs).
@@ -99,6 +102,7 @@ class ThinkRecCollator:
 
     tokenizer: PreTrainedTokenizerBase
     template: str = "collaborative"
+    reason_template: str | None = None
     history_item_slots: bool = False
     max_prompt_tokens: int | None = None
     use_chat_template: bool = False
@@ -110,9 +114,11 @@ class ThinkRecCollator:
     empty_history_text: str = "none"
     seed: int = 0
     templates: list[str] = field(init=False, repr=False)
+    reason_templates: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.templates = load_templates(self.template)
+        self.reason_templates = load_templates(self.reason_template) if self.reason_template else self.templates
         self._random = random.Random(self.seed)
         vocab = self.tokenizer.get_vocab()
         for token in (self.user_slot_token, self.item_slot_token):
@@ -175,7 +181,8 @@ class ThinkRecCollator:
 
     def build_prompt(self, record: dict, row: int) -> tuple[list[int], list[int], list[int]]:
         """Token ids of the prompt, shortened oldest history item first to `max_prompt_tokens`."""
-        template = self.templates[0] if len(self.templates) == 1 else self._random.choice(self.templates)
+        templates = self.reason_templates if record["mode"] == "reason" else self.templates
+        template = templates[0] if len(templates) == 1 else self._random.choice(templates)
         num_history = len(record["HisItemIDs"])
         while True:
             text, user_ids, item_ids = self.render_prompt(record, template, num_history)

@@ -95,6 +95,8 @@ def model_card(
     metrics: dict[str, float],
     cf_metrics: Optional[dict[str, float]],
     template: str,
+    reason_template: Optional[str] = None,
+    score_type: str = "yes_logit",
 ) -> str:
     """Model card (README.md) stating data, stages, metrics and how to load the model."""
     name = repo_id or "path/to/this/folder"
@@ -113,6 +115,8 @@ def model_card(
         "tags": ["recommendation", "thinkrec", "lora", "custom_code"],
         "base_model": backbone,
     }
+    score_text = 'logit("Yes") - logit("No")' if score_type == "yes_no_log_odds" else 'the logit of "Yes"'
+    reason_text = f"; reasons are asked for with `{reason_template}`" if reason_template else ""
     front = "\n".join(f"{key}: {json.dumps(value)}" for key, value in metadata.items())
     return f"""---
 {front}
@@ -122,12 +126,12 @@ def model_card(
 
 A causal LM recommender trained with the ThinkRec repository: it reads a prompt about a user
 (liked titles{", plus " + cf_model_type + " collaborative vectors injected as soft tokens" if cf_model_type != "none" else ""})
-and a target item, and answers "Yes"/"No" (optionally with a reason). The score is the logit of
-"Yes" at the last prompt position.
+and a target item, and answers "Yes"/"No" (optionally with a reason). The score is {score_text}
+at the last prompt position.
 
 - Backbone: `{backbone}` (frozen), LoRA adapter and projector stored unmerged in `model.safetensors`.
 - Collaborative model: `{cf_model_type}` (frozen tables saved with the model).
-- Training stage: `{stage}`; prompt template: `{template}`.
+- Training stage: `{stage}`; prompt template: `{template}`{reason_text}.
 - Data: `{records_source}`, {train_rows:,} training rows.
 
 ## Test metrics

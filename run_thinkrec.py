@@ -54,6 +54,8 @@ logger = logging.getLogger("run_thinkrec")
 BUNDLED_BACKBONE = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "collaborative"}
+# Reasoning rows (and generated reasons) use a prompt that asks for the verdict *and* the explanation.
+STAGE_REASON_TEMPLATES = {"lora": "reflection_text_only", "projector": "reflection", "joint": "reflection"}
 SLOT_PLACEHOLDERS = ("<UserID>", "<TargetItemID>")
 LOSS_WEIGHTS = ("reason_bce_weight", "reason_lm_weight", "rec_bce_weight", "rec_lm_weight")
 
@@ -110,6 +112,11 @@ class DataArguments:
         default=None,
         metadata={"help": "Prompt template name in templates/ or a file path (default: text_only for stage lora, "
                   "collaborative for projector/joint)."},
+    )
+    reason_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompt of reasoning rows and of generated reasons: asks for 'Yes.'/'No.' and an explanation "
+                  "(default: reflection_text_only for stage lora, reflection for projector/joint)."},
     )
     history_item_slots: bool = field(default=False, metadata={"help": "Put an item id slot after every history title."})
     max_prompt_tokens: Optional[int] = field(
@@ -368,8 +375,10 @@ def cf_alone_scores(model: ThinkRecForCausalLM, cf, dataset: datasets.Dataset) -
 
 
 def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Verdict and reason text for `rows`, generated with the injected vectors, stopping at EOS."""
-    collator = ThinkRecCollator(tokenizer, include_answers=False, **collator_kwargs)
+    """Verdict and reason text for `rows`, generated with the injected vectors, stopping at EOS. The
+    prompt is the reason template (it asks for the explanation), not the one-word recommendation one."""
+    kwargs = {**collator_kwargs, "template": collator_kwargs.get("reason_template") or collator_kwargs["template"]}
+    collator = ThinkRecCollator(tokenizer, include_answers=False, **kwargs)
     texts = []
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -459,8 +468,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata)
     template = data_args.template or STAGE_TEMPLATES[training_args.stage]
     check_template(template, model, training_args.stage)
+    reason_template = data_args.reason_template or STAGE_REASON_TEMPLATES[training_args.stage]
+    check_template(reason_template, model, training_args.stage)
     collator_kwargs = {
         "template": template,
+        "reason_template": reason_template,
         "history_item_slots": data_args.history_item_slots,
         "max_prompt_tokens": data_args.max_prompt_tokens,
         "use_chat_template": data_args.use_chat_template,
@@ -529,6 +541,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             metrics=results.get("test", {}),
             cf_metrics=results.get("cf_alone"),
             template=template,
+            reason_template=reason_template,
+            score_type=model.config.score_type,
         )
         os.makedirs(training_args.output_dir, exist_ok=True)
         Path(training_args.output_dir, "README.md").write_text(card, encoding="utf-8")

@@ -123,6 +123,23 @@ def test_slot_ids_match_slot_tokens_in_order(tokenizer):
         assert history[: len(history) - len(record["HisItemIDs"])].eq(0).all(), "history is left-padded"
 
 
+@pytest.mark.parametrize("template,reason_template", [("text_only", "reflection_text_only"), ("collaborative", "reflection")])
+def test_reasoning_rows_get_the_prompt_that_asks_for_an_explanation(tokenizer, template, reason_template):
+    records = make_records(4, seed=2)  # modes rec, reason, rec, reason
+    collator = ThinkRecCollator(tokenizer, template=template, reason_template=reason_template)
+    batch = collator(records)
+    for row, record in enumerate(records):
+        start = int((batch["labels"][row] != -100).int().argmax())
+        prompt = tokenizer.decode(batch["input_ids"][row][:start][batch["attention_mask"][row][:start] == 1])
+        assert ("explain the reason" in prompt) == (record["mode"] == "reason"), prompt
+        assert prompt.rstrip().endswith("#Answer:")
+    # The id slots still line up with the slot tokens in both kinds of prompt.
+    assert (batch["input_ids"] == item_slot_id(tokenizer)).sum() == (batch["item_slot_ids"] > 0).sum()
+    # Without reason_template every row shares the recommendation prompt (the earlier behaviour).
+    plain = ThinkRecCollator(tokenizer, template=template)(records)
+    assert not any("explain the reason" in tokenizer.decode(ids) for ids in plain["input_ids"])
+
+
 def test_text_only_template_has_no_slots(tokenizer):
     batch = ThinkRecCollator(tokenizer, template="text_only")(make_records(3, seed=7))
     assert not (batch["input_ids"] == user_slot_id(tokenizer)).any()

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_thinkrec
+from records_io import load_prepared
 from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
 from thinkrec_trainer import interleave_reasoning_rows
 
@@ -123,6 +124,36 @@ def test_projector_stage_needs_a_template_with_slots_and_a_cf_checkpoint(stage1,
                                 stage="projector", template="text_only"))
     with pytest.raises(ValueError, match="set cf_checkpoint"):
         run(tmp_path, arguments(assets, tmp_path / "b", init_from=str(stage1_dir), stage="projector"))
+
+
+def test_a_text_only_stage_refuses_a_reason_template_with_id_slots(assets, tmp_path):
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), stage="lora",
+                     reason_template="reflection")
+    with pytest.raises(ValueError, match="'reflection' has id slots"):
+        run(tmp_path, args)
+
+
+def test_generated_reasons_are_asked_for_with_the_reason_template(stage1, assets, monkeypatch):
+    """Recommendation prompts ask for one word; generation must use the prompt that asks for the reason."""
+    from transformers import AutoTokenizer
+
+    from modeling_thinkrec import ThinkRecForCausalLM
+
+    stage1_dir, _ = stage1
+    model = ThinkRecForCausalLM.from_pretrained(stage1_dir)
+    tokenizer = AutoTokenizer.from_pretrained(stage1_dir)
+    prompts, generate = [], model.generate
+
+    def recording_generate(**kwargs):  # records the prompts, then generates as usual
+        prompts.extend(tokenizer.batch_decode(kwargs["input_ids"], skip_special_tokens=True))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    records = load_prepared(assets["records"]).splits["test"]
+    kwargs = {"template": "text_only", "reason_template": "reflection_text_only", "max_prompt_tokens": None}
+    texts = run_thinkrec.generate_reasons(model, tokenizer, kwargs, records.head(3).to_dict("records"), 4, 2)
+    assert len(texts) == 3 and len(prompts) == 3
+    assert all("explain the reason" in prompt for prompt in prompts)
 
 
 def test_records_whose_ids_exceed_the_cf_tables_stop_before_training(assets, tmp_path):
