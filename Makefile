@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUTPUT_DIR ?= outputs/quickstart
 
-.PHONY: install test quickstart clean
+.PHONY: install test quickstart reflection clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ quickstart: install
 	$(RUN) $(BIN)/python train_collaborative.py examples/quickstart/mf.json
 	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage1_lora.json
 	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
+
+# The reflection loop on the same bundled assets: stage 1 -> reflect (synthesised reasons for the
+# mispredicted train rows) -> stage 1 with the reasons mixed in -> generated reasons judged.
+reflection: install
+	$(RUN) $(BIN)/python prepare_data.py examples/quickstart/records.json
+	$(RUN) $(BIN)/python reflection_loop.py examples/reflection/loop.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

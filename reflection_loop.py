@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""The whole reflection loop in one command: train, find the mistakes, explain them, train with the
+explanations, generate reasons and judge them.
+
+    python reflection_loop.py examples/reflection/loop.json       # one .json file with every argument
+    make reflection                                               # the same on the bundled ML-100K + SmolLM2
+
+`train_args` is an ordinary run_thinkrec.py args file (any stage); the loop only sets its output
+folder, the reason split and the generation of reasons for the judged test rows:
+
+  round 0   run_thinkrec.py with `train_args`, no reasons; predict, generating the verdict and reason
+            for the first `judge_rows` test rows;
+  round k   reflect.py on round k-1's model (its mispredicted train rows, threshold chosen on
+            validation, explained by the chosen source) -> reason split; run_thinkrec.py again from
+            the same starting point with that split mixed in at `reasoning_share`; predict as above;
+  judging   the source writes references for the judged test rows; judge_reasons.py scores every
+            round's text against them.
+
+A round whose folder already holds the results of the same arguments is reused, so an interrupted
+loop resumes where it stopped. Prints a table; writes `loop_summary.json`; the last line is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from transformers import AutoTokenizer, HfArgumentParser
+
+import judge_reasons
+import reflect
+import run_thinkrec
+from records_io import load_prepared
+from reflect import SourceArguments, atomic_write, build_source
+
+logger = logging.getLogger("reflection_loop")
+
+JUDGED = ("bleu", "rouge_l", "meteor", "cosine", "verdict_agrees_with_score", "verdict_agrees_with_label",
+          "verdict_missing", "words_mean", "repeated_3gram_rate")
+
+
+@dataclass
+class LoopArguments:
+    """What to train, where the loop writes, how many rounds."""
+
+    train_args: str = field(metadata={"help": "A run_thinkrec.py args file (.json): records, stage, model, sizes."})
+    output_dir: str = field(metadata={"help": "Folder of the loop: round0/, round1/, ..., reason splits, references, summary."})
+    rounds: int = field(default=1, metadata={"help": "Reflection rounds after the first training (>= 1)."})
+    reasoning_share: float = field(default=0.2, metadata={"help": "Share of training rows that are reasoning rows in rounds >= 1."})
+    judge_rows: int = field(default=200, metadata={"help": "Test rows whose generated reasons are judged (the first N of the test rows)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Generation length of a reason."})
+    max_reasons: Optional[int] = field(default=None, metadata={"help": "Explain at most this many mispredicted train rows per round."})
+    threshold_metric: str = field(default="accuracy", metadata={"help": "What the validation threshold maximises: accuracy or f1."})
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}.")
+        if not 0 < self.reasoning_share < 1:
+            raise ValueError(f"reasoning_share must be in (0, 1), got {self.reasoning_share}.")
+        if self.judge_rows < 1:
+            raise ValueError(f"judge_rows must be >= 1, got {self.judge_rows}.")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[LoopArguments, SourceArguments]:
+    """One `.json` file (unknown keys are an error) or command-line flags."""
+    parser = HfArgumentParser((LoopArguments, SourceArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_train_args(path: str) -> dict:
+    """The run_thinkrec.py arguments, checked for what the loop needs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train_args: no such file {path}")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not isinstance(config, dict) or "records_dir" not in config:
+        raise ValueError(f"{path}: a run_thinkrec.py args file (a JSON object with records_dir) is expected.")
+    for key in ("output_dir", "reason_records", "generate_reasons_for", "reasoning_share"):
+        if key in config:
+            raise ValueError(f"{path}: {key!r} is set by the reflection loop; remove it from train_args.")
+    # A path relative to the args file's folder would be ambiguous: the loop resolves it from the working directory.
+    return config
+
+
+def train_round(config: dict, folder: Path) -> dict:
+    """run_thinkrec.py with `config`; reuses the folder's results when it already ran these arguments."""
+    args_path, results_path = folder.with_suffix(".json"), folder / "test_results.json"
+    if args_path.is_file() and results_path.is_file() and json.loads(args_path.read_text()) == config:
+        logger.info("%s already holds the results of these arguments; reusing it", folder)
+        return json.loads(results_path.read_text())
+    atomic_write(args_path, lambda temp: Path(temp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+    return run_thinkrec.main([str(args_path)])
+
+
+def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArguments, model_dir: Path, output_path: Path) -> list[str]:
+    """reflect.py arguments that score exactly as the round trained (template, budget, subsets)."""
+    flags = {
+        "model_dir": model_dir, "records_dir": config["records_dir"], "output_path": output_path, "overwrite": "true",
+        "max_train_samples": config.get("max_train_samples"), "max_eval_samples": config.get("max_eval_samples"),
+        "max_reasons": loop.max_reasons, "threshold_metric": loop.threshold_metric, "template": config.get("template"),
+        "history_item_slots": config.get("history_item_slots"), "max_prompt_tokens": config.get("max_prompt_tokens", 512),
+        "use_chat_template": config.get("use_chat_template"), "batch_size": config.get("per_device_eval_batch_size"),
+        "dtype": config.get("dtype"), "seed": config.get("seed", 42),
+        **{item.name: getattr(source_args, item.name) for item in fields(SourceArguments)},
+    }
+    argv = []
+    for name, value in flags.items():
+        if value is not None:
+            argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def write_references(records, source, judged_rows, path: Path) -> Path:
+    """The source's reasons for the judged test rows (the references the generated text is scored against)."""
+    results = source.explain(judged_rows.to_dict("records"))
+    kept = [index for index, result in enumerate(results) if result.status == "kept"]
+    if not kept:
+        raise RuntimeError(f"the reason source explained none of the {len(judged_rows)} judged test rows: "
+                           f"{source.counters.as_dict()}; nothing to judge against.")
+    frame = judged_rows.iloc[kept].copy()
+    frame["reason"] = [results[index].reason for index in kept]
+    frame["mode"] = "reason"
+    atomic_write(path, lambda temp: frame.to_parquet(temp, index=False))
+    return path
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    loop, source_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    base = read_train_args(loop.train_args)
+    output = Path(loop.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    common = {"do_train": True, "do_predict": True, "generate_reasons_for": loop.judge_rows, "max_new_tokens": loop.max_new_tokens}
+
+    rounds, reflections, seconds = [], [], []
+    for number in range(loop.rounds + 1):
+        started = time.perf_counter()
+        config = {**base, **common, "output_dir": str(output / f"round{number}")}
+        if number > 0:
+            reasons_path = output / f"reasons-round{number - 1}.parquet"
+            logger.info("round %d: reflecting on round %d's model", number, number - 1)
+            reflections.append(reflect.main(reflect_flags(base, loop, source_args, output / f"round{number - 1}", reasons_path)))
+            if reflections[-1]["explained"] == 0:
+                raise RuntimeError(f"round {number}: the source kept no reason ({reflections[-1]['counters']}); "
+                                   "nothing to train on. See the reflection summary beside " + str(reasons_path))
+            config.update(reason_records=str(reasons_path), reasoning_share=loop.reasoning_share)
+        logger.info("round %d: training %s", number, config["output_dir"])
+        rounds.append(train_round(config, output / f"round{number}"))
+        seconds.append(time.perf_counter() - started)
+
+    # References for the rows every round generated text for (the same seeded test rows each round).
+    records = load_prepared(base["records_dir"])
+    predictions = pd.read_parquet(output / "round0" / "test_predictions.parquet")
+    keys = predictions.loc[predictions["generated"].notna(), ["UserID", "TargetItemID"]]
+    judged_rows = records.splits["test"].drop_duplicates(["UserID", "TargetItemID"]).merge(keys, on=["UserID", "TargetItemID"])
+    tokenizer = AutoTokenizer.from_pretrained(output / "round0")
+    source = build_source(source_args, records, tokenizer, output / "test_references.parquet", base.get("seed", 42))
+    references = write_references(records, source, judged_rows, output / "test_references.parquet")
+    judged = [judge_reasons.main(["--predictions", str(output / f"round{number}" / "test_predictions.parquet"),
+                                  "--references", str(references)]) for number in range(loop.rounds + 1)]
+
+    names = ["round 0 (no reasons)"] + [f"round {number} (+ reasons)" for number in range(1, loop.rounds + 1)]
+    print(f"\nreflection loop: {base.get('stage', 'lora')} stage, source {source_args.source}, {len(judged_rows)} judged test rows")
+    for number, reflection in enumerate(reflections, start=1):
+        print(f"round {number}: {reflection['rows_scored']} train rows scored, threshold {reflection['threshold']:.4f}, "
+              f"{reflection['mispredicted']} mispredicted, {reflection['explained']} explained, "
+              f"{reflection['rejected']} rejected, {reflection['failed']} failed")
+    print(f"{'':<24}" + "".join(f"{name:>22}" for name in names))
+    for key in ("auc", "uauc"):
+        print(f"{'test ' + key:<24}" + "".join(f"{_cell(result['test'].get(key)):>22}" for result in rounds))
+    for key in JUDGED:
+        print(f"{key:<24}" + "".join(f"{_cell(result.get(key)):>22}" for result in judged))
+    print(f"{'seconds':<24}" + "".join(f"{value:>22.0f}" for value in seconds))
+
+    summary = {
+        "rounds": [
+            {"test": {"auc": result["test"].get("auc"), "uauc": result["test"].get("uauc")},
+             "reasons": {key: judgement.get(key) for key in JUDGED}, "seconds": round(elapsed, 1)}
+            for result, judgement, elapsed in zip(rounds, judged, seconds)
+        ],
+        "reflections": [{key: reflection[key] for key in ("rows_scored", "threshold", "mispredicted", "explained", "rejected", "failed")}
+                        for reflection in reflections],
+        "source": source_args.source,
+        "judged_rows": int(judged[-1].get("rows", 0)),
+        "arguments": {**asdict(loop), **asdict(source_args)},  # api_key_env is a variable's name, never the key
+    }
+    atomic_write(output / "loop_summary.json", lambda temp: Path(temp).write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+    print(json.dumps({key: summary[key] for key in ("rounds", "reflections", "source", "judged_rows")}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
