@@ -4,7 +4,7 @@
     python benchmarks/reasons_ml1m.py                         # seeded CPU subsets (defaults below; ~1.5 h on 2 cores)
     python benchmarks/reasons_ml1m.py --train_rows 0 --test_rows 0 --dtype bfloat16   # every row (GPU)
 
-Steps, all on the same seeded subsets:
+Steps (reflection_loop.py with one round), all on the same seeded subsets:
   1. stage 1 (text-only LoRA) without reasons -> test AUC / UAUC, generated text for the first
      `judge_rows` test rows;
   2. reflect.py on that model: score the train subset, threshold on validation, explain the
@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +32,13 @@ sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
 
 
-def run_stage1(name: str, args, records: Path, output: Path, extra: dict) -> tuple[dict, float]:
-    """One run_thinkrec.py stage-1 run in-process; returns its results and wall seconds."""
-    import run_thinkrec
-
-    config = {
+def stage1_arguments(args, records: Path) -> dict:
+    """run_thinkrec.py arguments of the stage-1 model the loop trains (with and without reasons)."""
+    return {
         "records_dir": str(records),
-        "output_dir": str(output / name),
         "model_name_or_path": args.backbone,
         "stage": "lora",
+        "score_type": args.score_type,
         "max_train_samples": args.train_rows or None,
         "max_eval_samples": args.eval_rows or None,
         "max_test_samples": args.test_rows or None,
@@ -55,45 +52,9 @@ def run_stage1(name: str, args, records: Path, output: Path, extra: dict) -> tup
         "logging_steps": 10,
         "eval_strategy": "no",
         "save_strategy": "no",
-        "do_train": True,
-        "do_predict": True,
-        "generate_reasons_for": args.judge_rows,
-        "max_new_tokens": args.max_new_tokens,
         "report_to": "none",
         "seed": args.seed,
-        **extra,
     }
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{name}.json"
-    path.write_text(json.dumps(config, indent=2))
-    start = time.perf_counter()
-    results = run_thinkrec.main([str(path)])
-    return results, time.perf_counter() - start
-
-
-def teacher_source(args, records, tokenizer, cache_path: Path):
-    """The teacher that writes reasons, length-capped in the ThinkRec model's tokens."""
-    from reflect import SourceArguments, build_source
-
-    source_args = SourceArguments(source=args.teacher, max_reason_tokens=args.max_reason_tokens, base_url=args.base_url,
-                                  remote_model=args.remote_model, cache_path=str(cache_path))
-    return build_source(source_args, records, tokenizer, cache_path, args.seed)
-
-
-def references_for(predictions_path: Path, records, source, path: Path) -> Path:
-    """Teacher reasons for the test rows that have generated text, written as a reason file."""
-    import pandas as pd
-
-    predictions = pd.read_parquet(predictions_path)
-    keys = predictions.loc[predictions["generated"].notna(), ["UserID", "TargetItemID"]]
-    test = records.splits["test"].merge(keys, on=["UserID", "TargetItemID"], how="inner")
-    results = source.explain(test.to_dict("records"))
-    kept = [i for i, result in enumerate(results) if result.status == "kept"]
-    frame = test.iloc[kept].copy()
-    frame["reason"] = [results[i].reason for i in kept]
-    frame["mode"] = "reason"
-    frame.to_parquet(path, index=False)
-    return path
 
 
 def main() -> None:
@@ -116,6 +77,8 @@ def main() -> None:
     parser.add_argument("--train_batch_size", type=int, default=8)
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--score_type", default="yes_no_log_odds", choices=["yes_logit", "yes_no_log_odds"])
+    parser.add_argument("--reasoning_share", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
@@ -126,71 +89,51 @@ def main() -> None:
         return
     output = Path(args.output_dir)
 
-    import judge_reasons
     import prepare_data
-    import reflect
-    from records_io import load_prepared
-    from transformers import AutoTokenizer
+    import reflection_loop
 
     records_dir = output / "records"
     prepare_data.main(["--source", "collm", "--data_path", str(data), "--output_dir", str(records_dir), "--max_history", "10"])
-    records = load_prepared(records_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "stage1.json").write_text(json.dumps(stage1_arguments(args, records_dir), indent=2))
+    loop_args = {
+        "train_args": str(output / "stage1.json"), "output_dir": str(output / "loop"), "rounds": 1,
+        "reasoning_share": args.reasoning_share, "judge_rows": args.judge_rows, "max_new_tokens": args.max_new_tokens,
+        "source": args.teacher, "max_reason_tokens": args.max_reason_tokens,
+        **({"base_url": args.base_url, "remote_model": args.remote_model} if args.teacher == "remote" else {}),
+    }
+    (output / "loop.json").write_text(json.dumps(loop_args, indent=2))
+    summary = reflection_loop.main([str(output / "loop.json")])
 
-    baseline, baseline_seconds = run_stage1("stage1", args, records_dir, output, {})
-
-    reason_file = output / "reasons-stage1.parquet"
-    start = time.perf_counter()
-    reflection = reflect.main([
-        "--model_dir", str(output / "stage1"), "--records_dir", str(records_dir), "--output_path", str(reason_file),
-        "--overwrite", "true", "--max_prompt_tokens", str(args.max_prompt_tokens), "--dtype", args.dtype,
-        "--batch_size", str(args.eval_batch_size), "--seed", str(args.seed), "--source", args.teacher,
-        "--max_reason_tokens", str(args.max_reason_tokens),
-        *(["--max_train_samples", str(args.train_rows)] if args.train_rows else []),
-        *(["--max_eval_samples", str(args.eval_rows)] if args.eval_rows else []),
-        *(["--base_url", args.base_url, "--remote_model", args.remote_model] if args.teacher == "remote" else []),
-    ])
-    reflect_seconds = time.perf_counter() - start
-
-    with_reasons, with_reasons_seconds = run_stage1("stage1_with_reasons", args, records_dir, output,
-                                                    {"reason_records": str(reason_file), "reasoning_share": 0.2})
-
-    tokenizer = AutoTokenizer.from_pretrained(output / "stage1")
-    source = teacher_source(args, records, tokenizer, output / "teacher_cache.jsonl")
-    references = references_for(output / "stage1_with_reasons" / "test_predictions.parquet", records, source,
-                                output / "test_references.parquet")
-    judged = {}
-    for name in ("stage1", "stage1_with_reasons"):
-        judged[name] = judge_reasons.main(["--predictions", str(output / name / "test_predictions.parquet"),
-                                           "--references", str(references)])
+    baseline, with_reasons = summary["rounds"]
+    reflection = summary["reflections"][0]
 
     def cell(value):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
     print(f"\nML-1M CoLLM split, backbone {args.backbone} ({args.dtype}), {args.train_rows or 'all'} train rows, "
-          f"{baseline['test'].get('n_rows')} test rows, teacher {args.teacher}")
+          f"{args.test_rows or 'all'} test rows, teacher {args.teacher}")
     print(f"reflection: {reflection['rows_scored']} train rows scored, threshold {reflection['threshold']:.4f}, "
           f"{reflection['mispredicted']} mispredicted, {reflection['explained']} explained, "
-          f"{reflection['rejected']} rejected, {reflection['failed']} failed ({reflect_seconds:.0f} s)")
+          f"{reflection['rejected']} rejected, {reflection['failed']} failed")
     print(f"{'model':<30}{'AUC':>8}{'UAUC':>8}{'seconds':>10}")
-    for label, result, seconds in (("stage 1", baseline, baseline_seconds), ("stage 1 + reasons", with_reasons, with_reasons_seconds)):
-        print(f"{label:<30}{cell(result['test']['auc']):>8}{cell(result['test']['uauc']):>8}{seconds:>10.0f}")
-    keys = ("bleu", "rouge_l", "meteor", "cosine", "verdict_agrees_with_score", "verdict_agrees_with_label",
-            "verdict_missing", "words_mean", "repeated_3gram_rate")
-    print(f"\nreasons of {judged['stage1_with_reasons']['rows']} test rows against {args.teacher} references")
+    for label, result in (("stage 1", baseline), ("stage 1 + reasons", with_reasons)):
+        print(f"{label:<30}{cell(result['test']['auc']):>8}{cell(result['test']['uauc']):>8}{result['seconds']:>10.0f}")
+    print(f"\nreasons of {summary['judged_rows']} test rows against {args.teacher} references")
     print(f"{'metric':<28}{'stage 1':>12}{'+ reasons':>12}")
-    for key in keys:
-        print(f"{key:<28}{cell(judged['stage1'].get(key)):>12}{cell(judged['stage1_with_reasons'].get(key)):>12}")
-    pick = lambda result: {key: result.get(key) for key in keys}  # noqa: E731
+    for key in reflection_loop.JUDGED:
+        print(f"{key:<28}{cell(baseline['reasons'].get(key)):>12}{cell(with_reasons['reasons'].get(key)):>12}")
     print(json.dumps({
-        "stage1": {"auc": baseline["test"]["auc"], "uauc": baseline["test"]["uauc"]},
-        "stage1_with_reasons": {"auc": with_reasons["test"]["auc"], "uauc": with_reasons["test"]["uauc"]},
-        "reasons": pick(judged["stage1_with_reasons"]),
-        "reasons_stage1_without": pick(judged["stage1"]),
-        "reflection": {key: reflection[key] for key in ("rows_scored", "threshold", "mispredicted", "explained", "rejected", "failed")},
+        "stage1": baseline["test"],
+        "stage1_with_reasons": with_reasons["test"],
+        "reasons": with_reasons["reasons"],
+        "reasons_stage1_without": baseline["reasons"],
+        "reflection": reflection,
         "teacher": args.teacher,
         "train_rows": args.train_rows,
-        "test_rows": baseline["test"].get("n_rows"),
-        "seconds": {"stage1": round(baseline_seconds), "reflect": round(reflect_seconds), "stage1_with_reasons": round(with_reasons_seconds)},
+        "test_rows": args.test_rows,
+        "judged_rows": summary["judged_rows"],
+        "seconds": {"stage1": baseline["seconds"], "reflect_and_stage1_with_reasons": with_reasons["seconds"]},
     }))
 
 
