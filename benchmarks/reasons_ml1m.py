@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Do reasons help, and how good are the generated ones? ML-1M (CoLLM split), SmolLM2-135M.
 
-    python benchmarks/reasons_ml1m.py                         # seeded CPU subsets (defaults below; ~1.5 h on 2 cores)
+    python benchmarks/reasons_ml1m.py                         # seeded CPU subsets (defaults below; ~40 min on 2 idle cores)
     python benchmarks/reasons_ml1m.py --train_rows 0 --test_rows 0 --dtype bfloat16   # every row (GPU)
 
 Steps (reflection_loop.py with one round), all on the same seeded subsets:
@@ -62,9 +62,9 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("THINKREC_ML1M_DIR", str(DEFAULT_DATA)))
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "reasons_ml1m"))
     parser.add_argument("--backbone", default="smollm2", help="Any HF causal LM id/path; 'smollm2' = bundled.")
-    parser.add_argument("--train_rows", type=int, default=512, help="Seeded train subset (0 = all).")
+    parser.add_argument("--train_rows", type=int, default=1024, help="Seeded train subset (0 = all).")
     parser.add_argument("--eval_rows", type=int, default=300, help="Validation rows for the reflection threshold (0 = all).")
-    parser.add_argument("--test_rows", type=int, default=300, help="Seeded test subset for AUC/UAUC (0 = all).")
+    parser.add_argument("--test_rows", type=int, default=500, help="Seeded test subset for AUC/UAUC (0 = all).")
     parser.add_argument("--judge_rows", type=int, default=200, help="Test rows whose generated reasons are judged.")
     parser.add_argument("--teacher", default="synthesised", choices=["synthesised", "local", "remote"])
     parser.add_argument("--base_url", default=None, help="remote teacher: OpenAI-compatible base URL.")
