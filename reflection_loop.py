@@ -23,6 +23,7 @@ JSON object.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -95,13 +96,18 @@ def read_train_args(path: str) -> dict:
 
 
 def train_round(config: dict, folder: Path) -> dict:
-    """run_thinkrec.py with `config`; reuses the folder's results when it already ran these arguments."""
-    args_path, results_path = folder.with_suffix(".json"), folder / "test_results.json"
-    if args_path.is_file() and results_path.is_file() and json.loads(args_path.read_text()) == config:
-        logger.info("%s already holds the results of these arguments; reusing it", folder)
+    """run_thinkrec.py with `config`. A folder that already holds the results of the same arguments and
+    the same reason split (by content, not by name) is reused, so an interrupted loop resumes."""
+    args_path, results_path, stamp_path = folder.with_suffix(".json"), folder / "test_results.json", folder / "loop_inputs.json"
+    reasons = config.get("reason_records")
+    inputs = {"arguments": config, "reasons_sha256": hashlib.sha256(Path(reasons).read_bytes()).hexdigest() if reasons else None}
+    if results_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == inputs:
+        logger.info("%s already holds the results of these arguments and reasons; reusing it", folder)
         return json.loads(results_path.read_text())
     atomic_write(args_path, lambda temp: Path(temp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
-    return run_thinkrec.main([str(args_path)])
+    results = run_thinkrec.main([str(args_path)])
+    atomic_write(stamp_path, lambda temp: Path(temp).write_text(json.dumps(inputs, indent=2), encoding="utf-8"))
+    return results
 
 
 def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArguments, model_dir: Path, output_path: Path) -> list[str]:

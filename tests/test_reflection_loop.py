@@ -78,6 +78,19 @@ def test_a_finished_round_is_reused_not_retrained(assets, finished, monkeypatch)
     assert [entry["test"] for entry in again["rounds"]] == [entry["test"] for entry in summary["rounds"]]
 
 
+def test_a_round_trained_on_other_reasons_is_not_reused(assets, finished, monkeypatch):
+    tmp_path, _ = finished
+    out = tmp_path / "out"
+    stamp = json.loads((out / "round1" / "loop_inputs.json").read_text())
+    stamp["reasons_sha256"] = "0" * 64  # as if round 1 had been trained on a different reason split
+    (out / "round1" / "loop_inputs.json").write_text(json.dumps(stamp))
+    trained = []
+    original = reflection_loop.run_thinkrec.main
+    monkeypatch.setattr(reflection_loop.run_thinkrec, "main", lambda argv: trained.append(argv) or original(argv))
+    run(tmp_path, loop_args(assets, tmp_path / "out"), "third.json")
+    assert trained == [[str(out / "round1.json")]]  # round 0 reused, round 1 retrained
+
+
 @pytest.mark.parametrize("key", ["output_dir", "reason_records", "generate_reasons_for"])
 def test_train_args_may_not_set_what_the_loop_sets(assets, tmp_path, key):
     config = json.loads((assets / "stage1.json").read_text())
