@@ -224,9 +224,18 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 def main(argv: list[str] | None = None) -> TrainingOutcome:
     model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # The thread count is process-wide: give it back, or an in-process caller (a benchmark training the
+    # LLM next) would run on one thread.
+    previous_threads = torch.get_num_threads()
     if training_args.num_threads:
         torch.set_num_threads(training_args.num_threads)
+    try:
+        return _train_and_save(model_args, data_args, training_args)
+    finally:
+        torch.set_num_threads(previous_threads)
 
+
+def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
     records = load_prepared(data_args.records_dir)
     frames, metadata = records.splits, records.metadata
     outcome = train_and_evaluate(frames, int(metadata["num_users"]), int(metadata["num_items"]), model_args, training_args)

@@ -234,6 +234,22 @@ def test_train_collaborative_main_end_to_end(model_type, records, tmp_path, caps
     assert saved_metrics["valid"]["uauc"] == pytest.approx(outcome.valid_metrics["uauc"])
 
 
+def test_train_collaborative_gives_the_thread_count_back(records, tmp_path):
+    """Benchmarks train MF in-process and then the LLM: a leaked one-thread setting halved their speed."""
+    records_dir = write_prepared_dir(tmp_path / "records", records)
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    torch.set_num_threads(wanted)
+    try:
+        train_collaborative.main([
+            "--records_dir", str(records_dir), "--model_type", "mf", "--output_dir", str(tmp_path / "cf"),
+            "--embedding_dim", "8", "--max_epochs", "1", "--grid", '{"learning_rate": [1e-2]}', "--num_threads", "1",
+        ])
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_arguments_validate_and_example_configs_parse(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata.json"):
         train_collaborative.DataArguments(records_dir=str(tmp_path))
