@@ -56,6 +56,11 @@ class ReflectArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Score a seeded random subset of the train split."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Choose the threshold on a seeded subset of validation."})
     max_reasons: Optional[int] = field(default=None, metadata={"help": "Explain at most this many mispredicted rows (seeded choice)."})
+    balance_verdicts: bool = field(
+        default=False,
+        metadata={"help": "When the mispredicted rows lean to one label, add correctly predicted train rows of the other "
+                  "label (seeded) up to equal counts: a one-sided reason split teaches one verdict for every row."},
+    )
     threshold_metric: str = field(default="accuracy", metadata={"help": f"What the validation threshold maximises: {THRESHOLD_METRICS}."})
     template: Optional[str] = field(
         default=None, metadata={"help": "Prompt template used in training (default: text_only for a text-only model, else collaborative)."}
@@ -134,6 +139,19 @@ def score_rows(model: ThinkRecForCausalLM, collator: ThinkRecCollator, frame: pd
         batch = {key: value.to(model.device) for key, value in batch.items()}
         scores.append(model.score(**batch).float().cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def balance_by_label(chosen: pd.DataFrame, pool: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, int]:
+    """`chosen` plus seeded rows of `pool` carrying the label `chosen` has fewer of, until both labels
+    have as many rows (or the pool runs out); rows stay in split order. Returns the rows and how many
+    were added."""
+    counts = chosen["label"].value_counts()
+    positives, negatives = int(counts.get(1, 0)), int(counts.get(0, 0))
+    if positives == negatives:
+        return chosen, 0
+    minority = 1 if positives < negatives else 0
+    extra = seeded_subset(pool[pool["label"] == minority], abs(positives - negatives), seed)
+    return pd.concat([chosen, extra]).sort_index(), len(extra)
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, metric: str = "accuracy") -> tuple[float, float]:
@@ -243,6 +261,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logger.info("threshold %.4f (validation %s %.4f); %d of %d train rows mispredicted",
                 threshold, args.threshold_metric, validation_value, len(mispredicted), len(train))
     to_explain = seeded_subset(mispredicted, args.max_reasons, args.seed)
+    added_for_balance = 0
+    if args.balance_verdicts:
+        to_explain, added_for_balance = balance_by_label(to_explain, train[~wrong], args.seed)
+        logger.info("balance_verdicts: added %d correctly predicted rows of the rarer label", added_for_balance)
     del model  # the teacher may be another LM; free this one first
 
     source = build_source(source_args, records, tokenizer, output_path, args.seed)
@@ -277,6 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"validation_{args.threshold_metric}": validation_value,
         "train_accuracy": float(1 - wrong.mean()),
         "mispredicted": int(len(mispredicted)),
+        "added_for_balance": int(added_for_balance),
         "asked": int(len(rows)),
         "explained": int(len(kept)),
         "rejected": counters["rejected_verdict"],

@@ -61,6 +61,9 @@ class LoopArguments:
     max_new_tokens: int = field(default=96, metadata={"help": "Generation length of a reason."})
     max_reasons: Optional[int] = field(default=None, metadata={"help": "Explain at most this many mispredicted train rows per round."})
     threshold_metric: str = field(default="accuracy", metadata={"help": "What the validation threshold maximises: accuracy or f1."})
+    balance_verdicts: bool = field(
+        default=False, metadata={"help": "reflect.py: add correctly predicted rows of the rarer label so both verdicts are explained."}
+    )
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -115,7 +118,8 @@ def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArgument
     flags = {
         "model_dir": model_dir, "records_dir": config["records_dir"], "output_path": output_path, "overwrite": "true",
         "max_train_samples": config.get("max_train_samples"), "max_eval_samples": config.get("max_eval_samples"),
-        "max_reasons": loop.max_reasons, "threshold_metric": loop.threshold_metric, "template": config.get("template"),
+        "max_reasons": loop.max_reasons, "threshold_metric": loop.threshold_metric, "balance_verdicts": loop.balance_verdicts,
+        "template": config.get("template"),
         "history_item_slots": config.get("history_item_slots"), "max_prompt_tokens": config.get("max_prompt_tokens", 512),
         "use_chat_template": config.get("use_chat_template"), "batch_size": config.get("per_device_eval_batch_size"),
         "dtype": config.get("dtype"), "seed": config.get("seed", 42),

@@ -112,6 +112,34 @@ def test_reflect_explains_the_mispredicted_train_rows(assets, tmp_path, capsys):
     assert again["mispredicted"] == summary["mispredicted"] and again["threshold"] == summary["threshold"]
 
 
+def test_balance_by_label_adds_rows_of_the_rarer_label_in_split_order():
+    chosen = pd.DataFrame({"label": [0, 0, 0, 1]}, index=[1, 4, 6, 9])
+    pool = pd.DataFrame({"label": [1, 0, 1, 1]}, index=[0, 2, 3, 8])
+    balanced, added = reflect.balance_by_label(chosen, pool, seed=0)
+    assert added == 2 and balanced["label"].value_counts().to_dict() == {0: 3, 1: 3}
+    assert list(balanced.index) == sorted(balanced.index) and set(chosen.index) <= set(balanced.index)
+    assert not set(balanced.index) & {2}  # only rows of the rarer label are added
+    # A pool too small adds what it has; balanced input is left alone.
+    assert reflect.balance_by_label(pd.DataFrame({"label": [0] * 5}), pool.iloc[:1], seed=0)[1] == 1
+    assert reflect.balance_by_label(pd.DataFrame({"label": [0, 1]}), pool, seed=0)[1] == 0
+
+
+def test_reflect_balance_verdicts_explains_both_labels(assets, tmp_path):
+    common = {"model_dir": str(assets / "model"), "records_dir": str(assets / "records"), "max_train_samples": 40,
+              "max_eval_samples": 20, "batch_size": 20, "max_reason_tokens": 30, "seed": 3}
+    plain = run_reflect(tmp_path, output_path=str(tmp_path / "plain.parquet"), **common)
+    balanced = run_reflect(tmp_path, output_path=str(tmp_path / "balanced.parquet"), balance_verdicts=True, **common)
+    assert balanced["mispredicted"] == plain["mispredicted"]
+    assert balanced["asked"] == plain["asked"] + balanced["added_for_balance"]
+    counts = pd.read_parquet(tmp_path / "balanced.parquet")["label"].value_counts()
+    plain_counts = pd.read_parquet(tmp_path / "plain.parquet")["label"].value_counts()
+    minority = 1 if plain_counts.get(1, 0) < plain_counts.get(0, 0) else 0
+    assert counts.get(minority, 0) == plain_counts.get(minority, 0) + balanced["added_for_balance"]
+    assert counts.get(1 - minority, 0) == plain_counts.get(1 - minority, 0)
+    assert counts.get(minority, 0) <= counts.get(1 - minority, 0)  # never overshoots
+    assert balanced["added_for_balance"] > 0, (plain_counts, counts)  # the tiny model is one-sided: something was added
+
+
 def test_reflect_default_output_sits_next_to_the_records(assets, tmp_path):
     summary = run_reflect(tmp_path, model_dir=str(assets / "model"), records_dir=str(assets / "records"),
                           max_train_samples=12, max_eval_samples=12, max_reasons=3, threshold_metric="f1", overwrite=True)
