@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--score_type", default="yes_no_log_odds", choices=["yes_logit", "yes_no_log_odds"])
     parser.add_argument("--reasoning_share", type=float, default=0.2)
+    parser.add_argument("--balance_verdicts", action="store_true",
+                        help="Reflect with reflect.py's balance_verdicts (reasons for both labels).")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
@@ -99,7 +101,7 @@ def main() -> None:
     loop_args = {
         "train_args": str(output / "stage1.json"), "output_dir": str(output / "loop"), "rounds": 1,
         "reasoning_share": args.reasoning_share, "judge_rows": args.judge_rows, "max_new_tokens": args.max_new_tokens,
-        "source": args.teacher, "max_reason_tokens": args.max_reason_tokens,
+        "source": args.teacher, "max_reason_tokens": args.max_reason_tokens, "balance_verdicts": args.balance_verdicts,
         **({"base_url": args.base_url, "remote_model": args.remote_model} if args.teacher == "remote" else {}),
     }
     (output / "loop.json").write_text(json.dumps(loop_args, indent=2))
@@ -130,6 +132,7 @@ def main() -> None:
         "reasons_stage1_without": baseline["reasons"],
         "reflection": reflection,
         "teacher": args.teacher,
+        "balance_verdicts": args.balance_verdicts,
         "train_rows": args.train_rows,
         "test_rows": args.test_rows,
         "judged_rows": summary["judged_rows"],
