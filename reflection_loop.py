@@ -94,7 +94,6 @@ def read_train_args(path: str) -> dict:
     for key in ("output_dir", "reason_records", "generate_reasons_for", "reasoning_share"):
         if key in config:
             raise ValueError(f"{path}: {key!r} is set by the reflection loop; remove it from train_args.")
-    # A path relative to the args file's folder would be ambiguous: the loop resolves it from the working directory.
     return config
 
 

@@ -40,7 +40,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from collaborative_models import load_cf_checkpoint
-from configuration_thinkrec import ThinkRecConfig
+from configuration_thinkrec import SCORE_TYPES, ThinkRecConfig
 from data_collator import ThinkRecCollator, load_templates
 from metrics import compute_metrics, format_metrics
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
@@ -94,8 +94,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
-        if self.score_type not in ("yes_logit", "yes_no_log_odds"):
-            raise ValueError(f"score_type must be 'yes_logit' or 'yes_no_log_odds', got {self.score_type!r}.")
+        if self.score_type not in SCORE_TYPES:
+            raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
 
 
 @dataclass

@@ -30,6 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from configuration_thinkrec import SCORE_TYPES  # noqa: E402
+
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
 
 PRESETS = {
@@ -45,8 +47,8 @@ PRESETS = {
         "learning_rate": 1e-3,
         "epochs": 1,
         "eval_strategy": "no",
-        # logit("Yes") - logit("No"): starts near BCE 0.69; the raw "Yes" logit starts near BCE 4 and
-        # spends a third of a 192-step CPU budget bringing the logit down before ranking anything.
+        # logit("Yes") - logit("No"): starts near BCE 0.69; with the raw "Yes" logit a 512-row run started
+        # at BCE 3.9 and spent ~40 of its 64 steps bringing the logit down before ranking anything.
         "score_type": "yes_no_log_odds",
     },
     "gpu": {
@@ -112,7 +114,7 @@ def main() -> None:
     parser.add_argument("--mf_checkpoint", default=None, help="Reuse a train_collaborative.py MF folder.")
     parser.add_argument("--train_rows", type=int, default=None, help="Override the preset's train subset size.")
     parser.add_argument("--test_rows", type=int, default=None, help="Override the preset's test subset size.")
-    parser.add_argument("--score_type", choices=["yes_logit", "yes_no_log_odds"], default=None,
+    parser.add_argument("--score_type", choices=SCORE_TYPES, default=None,
                         help="Override the preset's score (stage 2 inherits stage 1's).")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()

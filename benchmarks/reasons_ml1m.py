@@ -29,6 +29,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from configuration_thinkrec import SCORE_TYPES  # noqa: E402
+
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
 
 
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--train_batch_size", type=int, default=8)
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--score_type", default="yes_no_log_odds", choices=["yes_logit", "yes_no_log_odds"])
+    parser.add_argument("--score_type", default="yes_no_log_odds", choices=SCORE_TYPES)
     parser.add_argument("--reasoning_share", type=float, default=0.2)
     parser.add_argument("--balance_verdicts", action="store_true",
                         help="Reflect with reflect.py's balance_verdicts (reasons for both labels).")
