@@ -97,7 +97,7 @@ def read_train_args(path: str) -> dict:
     return config
 
 
-def train_round(config: dict, folder: Path) -> dict:
+def train_round(config: dict, folder: Path) -> tuple[dict, bool]:
     """run_thinkrec.py with `config`. A folder that already holds the results of the same arguments and
     the same reason split (by content, not by name) is reused, so an interrupted loop resumes."""
     args_path, results_path, stamp_path = folder.with_suffix(".json"), folder / "test_results.json", folder / "loop_inputs.json"
@@ -105,11 +105,24 @@ def train_round(config: dict, folder: Path) -> dict:
     inputs = {"arguments": config, "reasons_sha256": hashlib.sha256(Path(reasons).read_bytes()).hexdigest() if reasons else None}
     if results_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == inputs:
         logger.info("%s already holds the results of these arguments and reasons; reusing it", folder)
-        return json.loads(results_path.read_text())
+        return json.loads(results_path.read_text()), True
     atomic_write(args_path, lambda temp: Path(temp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
     results = run_thinkrec.main([str(args_path)])
     atomic_write(stamp_path, lambda temp: Path(temp).write_text(json.dumps(inputs, indent=2), encoding="utf-8"))
-    return results
+    return results, False
+
+
+def reflect_round(flags: list[str], reasons_path: Path, reuse: bool) -> dict:
+    """reflect.py with `flags`. When the model it reads was reused and the reason split beside it was
+    written with the same arguments, that split and its summary are reused instead of scoring again."""
+    summary_path = reasons_path.with_suffix(".summary.json")
+    if reuse and reasons_path.is_file() and summary_path.is_file():
+        reflect_args, source_args = reflect.parse_args(flags)
+        summary = json.loads(summary_path.read_text())
+        if summary.get("arguments") == json.loads(json.dumps({**asdict(reflect_args), **asdict(source_args)})):
+            logger.info("%s was written by these arguments from the same model; reusing it", reasons_path)
+            return summary
+    return reflect.main(flags)
 
 
 def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArguments, model_dir: Path, output_path: Path) -> list[str]:
@@ -157,20 +170,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     common = {"do_train": True, "do_predict": True, "generate_reasons_for": loop.judge_rows, "max_new_tokens": loop.max_new_tokens}
 
-    rounds, reflections, seconds = [], [], []
+    rounds, reflections, seconds, previous_reused = [], [], [], False
     for number in range(loop.rounds + 1):
         started = time.perf_counter()
         config = {**base, **common, "output_dir": str(output / f"round{number}")}
         if number > 0:
             reasons_path = output / f"reasons-round{number - 1}.parquet"
             logger.info("round %d: reflecting on round %d's model", number, number - 1)
-            reflections.append(reflect.main(reflect_flags(base, loop, source_args, output / f"round{number - 1}", reasons_path)))
+            reflections.append(reflect_round(reflect_flags(base, loop, source_args, output / f"round{number - 1}", reasons_path),
+                                             reasons_path, reuse=previous_reused))
             if reflections[-1]["explained"] == 0:
                 raise RuntimeError(f"round {number}: the source kept no reason ({reflections[-1]['counters']}); "
                                    "nothing to train on. See the reflection summary beside " + str(reasons_path))
             config.update(reason_records=str(reasons_path), reasoning_share=loop.reasoning_share)
         logger.info("round %d: training %s", number, config["output_dir"])
-        rounds.append(train_round(config, output / f"round{number}"))
+        results, previous_reused = train_round(config, output / f"round{number}")
+        rounds.append(results)
         seconds.append(time.perf_counter() - started)
 
     # References for the rows every round generated text for (the same seeded test rows each round).

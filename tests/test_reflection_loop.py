@@ -73,8 +73,12 @@ def test_a_finished_round_is_reused_not_retrained(assets, finished, monkeypatch)
     trained = []
     original = reflection_loop.run_thinkrec.main
     monkeypatch.setattr(reflection_loop.run_thinkrec, "main", lambda argv: trained.append(argv) or original(argv))
+    reflected = []
+    original_reflect = reflection_loop.reflect.main
+    monkeypatch.setattr(reflection_loop.reflect, "main", lambda argv: reflected.append(argv) or original_reflect(argv))
     again = run(tmp_path, loop_args(assets, tmp_path / "out"), "again.json")
-    assert trained == []
+    assert trained == [] and reflected == []  # neither retrained nor re-scored
+    assert again["reflections"] == summary["reflections"]
     assert [entry["test"] for entry in again["rounds"]] == [entry["test"] for entry in summary["rounds"]]
 
 
