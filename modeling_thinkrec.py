@@ -5,7 +5,7 @@ and generates reasons.
 Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM's `text_config`
 and `lora_config`), `model.safetensors` (LM weights, LoRA weights, projector, frozen CF tables and
 SASRec encoder: one self-contained file), `generation_config.json`, and the three code files
-(`configuration_thinkrec.py`, `modeling_thinkrec.py`, `collaborative_models.py`) for
+(`configuration_thinkrec.py`, `modeling_thinkrec.py`, `sasrec_thinkrec.py`) for
 `trust_remote_code`. A LoRA adapter is stored *unmerged inside* `model.safetensors` (the LM's
 adapted layers keep PEFT's `base_layer` / `lora_A.default` names) and rebuilt from
 `config.lora_config` at load time, so stage 2 can keep training the projector on top of the stage-1
@@ -25,12 +25,18 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 
+# This file is imported two ways: as part of a checkpoint's remote code (a package made by
+# transformers, where the files next to it are imported relatively) and as a top-level module of the
+# repository. Only the second kind of failure falls back; a real import error inside a sibling file
+# surfaces as itself.
 try:
-    from .collaborative_models import SASRec
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from .sasrec_thinkrec import SASRec
 except ImportError:
-    from collaborative_models import SASRec
+    if __package__:
+        raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from sasrec_thinkrec import SASRec
 
 
 TRAINING_STAGES = ("lora", "projector", "joint")
@@ -154,7 +160,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         **config_kwargs,
     ) -> "ThinkRecForCausalLM":
         """Wrap a pretrained causal LM: add the slot tokens to `tokenizer` (in place), resize the LM's
-        embeddings, copy the frozen CF tables of `cf_checkpoint` (a `collaborative_models.CFCheckpoint`,
+        embeddings, copy the frozen CF tables of `cf_checkpoint` (a `thinkrec.collaborative.models.CFCheckpoint`,
         or None for a text-only model) and set an explicit generation config."""
         user_slot_token = config_kwargs.get("user_slot_token", ThinkRecConfig.user_slot_token)
         item_slot_token = config_kwargs.get("item_slot_token", ThinkRecConfig.item_slot_token)

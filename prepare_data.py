@@ -2,6 +2,7 @@
 """Prepare ThinkRec records from interaction data.
 
     python prepare_data.py examples/prepare_ml100k.json      # one .json file with the arguments
+    python prepare_data.py examples/prepare_ml100k.json --output_dir data/try   # flags override the file
     python prepare_data.py --output_dir data/ml-100k          # or flags; no data arguments = ML-100K
 
 Reads RecBole atomic files, a generic CSV/TSV/Parquet/JSON-lines table with a column mapping,
@@ -12,17 +13,17 @@ user tables and a dataset card that ``datasets.load_dataset(output_dir)`` reads.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from transformers import HfArgumentParser
-
-from data_preparation import PreparedRecords, RecordOptions, prepare_records, records_from_collm
-from data_readers import ColumnMapping, read_collm_splits, read_interaction_table, read_ml100k, read_recbole_atomic
-from records_io import OUTPUT_FORMATS, export_embeddings, push_prepared_to_hub, save_prepared
+from thinkrec.data.preparation import PreparedRecords, RecordOptions, prepare_records, records_from_collm
+from thinkrec.data.readers import ColumnMapping, read_collm_splits, read_interaction_table, read_ml100k, read_recbole_atomic
+from thinkrec.data.records import OUTPUT_FORMATS, export_embeddings, push_prepared_to_hub, save_prepared
+from thinkrec.utils.arguments import parse_args as parse_command_args
+from thinkrec.utils.arguments import run_command
+from thinkrec.utils.errors import InputError
 
 
 logger = logging.getLogger("prepare_data")
@@ -68,9 +69,9 @@ class SourceArguments:
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}.")
+            raise InputError(f"source must be one of {SOURCES}, got {self.source!r}.")
         if self.source != "ml-100k" and self.data_path is None:
-            raise ValueError(f"source={self.source!r} needs data_path.")
+            raise InputError(f"source={self.source!r} needs data_path.")
 
     def column_mapping(self) -> ColumnMapping:
         return ColumnMapping(
@@ -102,9 +103,9 @@ class OutputArguments:
 
     def __post_init__(self):
         if self.output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {self.output_format!r}.")
+            raise InputError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {self.output_format!r}.")
         if self.push_to_hub and not self.hub_dataset_id:
-            raise ValueError("push_to_hub needs hub_dataset_id (the token is read from the HF_TOKEN environment variable).")
+            raise InputError("push_to_hub needs hub_dataset_id (the token is read from the HF_TOKEN environment variable).")
 
 
 def build_records(source: SourceArguments, options: RecordOptions) -> PreparedRecords:
@@ -128,11 +129,8 @@ def build_records(source: SourceArguments, options: RecordOptions) -> PreparedRe
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[SourceArguments, RecordOptions, OutputArguments]:
-    parser = HfArgumentParser((SourceArguments, RecordOptions, OutputArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0], allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """A `.json` file, flags, or both (flags override the file); unknown keys are an error."""
+    return parse_command_args((SourceArguments, RecordOptions, OutputArguments), argv)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -160,4 +158,4 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -26,22 +26,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 import judge_reasons
 import reflect
 import run_thinkrec
-from records_io import load_prepared
-from reflect import SourceArguments, atomic_write, build_source
+from thinkrec.data.records import load_prepared
+from thinkrec.reasons.reflection import SourceArguments, build_source
+from thinkrec.utils.arguments import parse_args as parse_command_args
+from thinkrec.utils.arguments import run_command
+from thinkrec.utils.errors import InputError, MissingInputError
+from thinkrec.utils.files import atomic_write, write_json
+from thinkrec.utils.subsets import metric_cell
+
 
 logger = logging.getLogger("reflection_loop")
 
@@ -67,33 +71,29 @@ class LoopArguments:
 
     def __post_init__(self):
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}.")
+            raise InputError(f"rounds must be >= 1, got {self.rounds}.")
         if not 0 < self.reasoning_share < 1:
-            raise ValueError(f"reasoning_share must be in (0, 1), got {self.reasoning_share}.")
+            raise InputError(f"reasoning_share must be in (0, 1), got {self.reasoning_share}.")
         if self.judge_rows < 1:
-            raise ValueError(f"judge_rows must be >= 1, got {self.judge_rows}.")
+            raise InputError(f"judge_rows must be >= 1, got {self.judge_rows}.")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[LoopArguments, SourceArguments]:
-    """One `.json` file (unknown keys are an error) or command-line flags."""
-    parser = HfArgumentParser((LoopArguments, SourceArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """A `.json` file, flags, or both (flags override the file); unknown keys are an error."""
+    return parse_command_args((LoopArguments, SourceArguments), argv)
 
 
 def read_train_args(path: str) -> dict:
     """The run_thinkrec.py arguments, checked for what the loop needs."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"train_args: no such file {path}")
+        raise MissingInputError(f"train_args: no such file {path}")
     with open(path, encoding="utf-8") as handle:
         config = json.load(handle)
     if not isinstance(config, dict) or "records_dir" not in config:
-        raise ValueError(f"{path}: a run_thinkrec.py args file (a JSON object with records_dir) is expected.")
+        raise InputError(f"{path}: a run_thinkrec.py args file (a JSON object with records_dir) is expected.")
     for key in ("output_dir", "reason_records", "generate_reasons_for", "reasoning_share"):
         if key in config:
-            raise ValueError(f"{path}: {key!r} is set by the reflection loop; remove it from train_args.")
+            raise InputError(f"{path}: {key!r} is set by the reflection loop; remove it from train_args.")
     return config
 
 
@@ -106,9 +106,9 @@ def train_round(config: dict, folder: Path) -> tuple[dict, bool]:
     if results_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == inputs:
         logger.info("%s already holds the results of these arguments and reasons; reusing it", folder)
         return json.loads(results_path.read_text()), True
-    atomic_write(args_path, lambda temp: Path(temp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+    write_json(config, args_path)
     results = run_thinkrec.main([str(args_path)])
-    atomic_write(stamp_path, lambda temp: Path(temp).write_text(json.dumps(inputs, indent=2), encoding="utf-8"))
+    write_json(inputs, stamp_path)
     return results, False
 
 
@@ -158,10 +158,6 @@ def write_references(records, source, judged_rows, path: Path) -> Path:
     return path
 
 
-def _cell(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     loop, source_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -207,9 +203,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{reflection['rejected']} rejected, {reflection['failed']} failed")
     print(f"{'':<24}" + "".join(f"{name:>22}" for name in names))
     for key in ("auc", "uauc"):
-        print(f"{'test ' + key:<24}" + "".join(f"{_cell(result['test'].get(key)):>22}" for result in rounds))
+        print(f"{'test ' + key:<24}" + "".join(f"{metric_cell(result['test'].get(key)):>22}" for result in rounds))
     for key in JUDGED:
-        print(f"{key:<24}" + "".join(f"{_cell(result.get(key)):>22}" for result in judged))
+        print(f"{key:<24}" + "".join(f"{metric_cell(result.get(key)):>22}" for result in judged))
     print(f"{'seconds':<24}" + "".join(f"{value:>22.0f}" for value in seconds))
 
     summary = {
@@ -224,10 +220,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "judged_rows": int(judged[-1].get("rows", 0)),
         "arguments": {**asdict(loop), **asdict(source_args)},  # api_key_env is a variable's name, never the key
     }
-    atomic_write(output / "loop_summary.json", lambda temp: Path(temp).write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+    write_json(summary, output / "loop_summary.json")
     print(json.dumps({key: summary[key] for key in ("rounds", "reflections", "source", "judged_rows")}))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

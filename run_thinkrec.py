@@ -2,6 +2,7 @@
 """Train, evaluate, predict and publish a ThinkRec recommender.
 
     accelerate launch run_thinkrec.py args.json            # one .json file with every argument
+    accelerate launch run_thinkrec.py args.json --learning_rate 5e-4   # the file, flags override it
     accelerate launch run_thinkrec.py --records_dir ... --output_dir ... --stage lora --do_train
 
 Stages are configuration, each starting from the previous stage's output directory
@@ -17,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,26 +33,29 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
-    HfArgumentParser,
     TrainingArguments,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from collaborative_models import load_cf_checkpoint
 from configuration_thinkrec import SCORE_TYPES, ThinkRecConfig
 from data_collator import ThinkRecCollator, load_templates
-from metrics import compute_metrics, format_metrics
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
-from records_io import load_prepared
-from reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
-from thinkrec_trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
+from thinkrec.collaborative.models import load_cf_checkpoint
+from thinkrec.data.records import load_prepared
+from thinkrec.evaluation.metrics import compute_metrics, format_metrics
+from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
+from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
+from thinkrec.utils.arguments import parse_args as parse_command_args
+from thinkrec.utils.arguments import run_command
+from thinkrec.utils.dtypes import DTYPES, resolve_dtype
+from thinkrec.utils.errors import InputError, MissingInputError
+from thinkrec.utils.subsets import seeded_subset
 
 
 logger = logging.getLogger("run_thinkrec")
 
 BUNDLED_BACKBONE = "smollm2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "collaborative"}
 # Reasoning rows (and generated reasons) use a prompt that asks for the verdict *and* the explanation.
 STAGE_REASON_TEMPLATES = {"lora": "reflection_text_only", "projector": "reflection", "joint": "reflection"}
@@ -92,10 +95,9 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for the backbone."})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        resolve_dtype(self.dtype)
         if self.score_type not in SCORE_TYPES:
-            raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
+            raise InputError(f"score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
 
 
 @dataclass
@@ -135,7 +137,7 @@ class DataArguments:
         for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 when set, got {value}.")
+                raise InputError(f"{name} must be >= 1 when set, got {value}.")
 
 
 @dataclass
@@ -163,11 +165,11 @@ class ThinkRecTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.stage not in TRAINING_STAGES:
-            raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {self.stage!r}.")
+            raise InputError(f"stage must be one of {TRAINING_STAGES}, got {self.stage!r}.")
         if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must be False: ThinkRecCollator builds prompts from raw record fields.")
+            raise InputError("remove_unused_columns must be False: ThinkRecCollator builds prompts from raw record fields.")
         if not 0 <= self.reasoning_share < 1:
-            raise ValueError(f"reasoning_share must be in [0, 1), got {self.reasoning_share}.")
+            raise InputError(f"reasoning_share must be in [0, 1), got {self.reasoning_share}.")
         super().__post_init__()
 
 
@@ -175,35 +177,23 @@ class ThinkRecTrainingArguments(TrainingArguments):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, ThinkRecTrainingArguments]:
-    """One `.json` file (unknown keys are an error) or command-line flags."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, ThinkRecTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """A `.json` file, flags, or both (flags override the file); unknown keys are an error."""
+    return parse_command_args((ModelArguments, DataArguments, ThinkRecTrainingArguments), argv)
 
 
 # --------------------------------------------------------------------------------------------- data
 
 
-def _subset(dataset: datasets.Dataset, size: Optional[int], seed: int) -> datasets.Dataset:
-    """A seeded random subset kept in the split's own order (so histories stay readable)."""
-    if size is None or size >= len(dataset):
-        return dataset
-    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
-    return dataset.select(rows)
-
-
 def load_reason_rows(path: str) -> datasets.Dataset:
     """Reasoning rows from a Parquet or JSON-lines file; every row needs mode='reason' and a reason."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"reason_records: no such file {path}")
+        raise MissingInputError(f"reason_records: no such file {path}")
     frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_json(path, lines=True, dtype=False)
     if "reason" not in frame or "mode" not in frame:
-        raise ValueError(f"{path}: reasoning rows need 'reason' and 'mode' columns; found {list(frame.columns)}.")
+        raise InputError(f"{path}: reasoning rows need 'reason' and 'mode' columns; found {list(frame.columns)}.")
     wrong = frame.index[(frame["mode"] != "reason") | (frame["reason"].fillna("").str.strip() == "")]
     if len(wrong):
-        raise ValueError(f"{path}: row {wrong[0]} is not a reasoning row (mode must be 'reason' and reason non-empty).")
+        raise InputError(f"{path}: row {wrong[0]} is not a reasoning row (mode must be 'reason' and reason non-empty).")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
@@ -213,8 +203,8 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets
     for name, size in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples), ("test", data_args.max_test_samples)):
         dataset = datasets.Dataset.from_pandas(records.splits[name], preserve_index=False)
         if len(dataset) == 0:
-            raise ValueError(f"{data_args.records_dir}: the {name} split is empty.")
-        splits[name] = _subset(dataset, size, seed)
+            raise InputError(f"{data_args.records_dir}: the {name} split is empty.")
+        splits[name] = seeded_subset(dataset, size, seed)
     return splits, records.metadata
 
 
@@ -223,7 +213,7 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets
 
 def resolve_backbone(name_or_path: Optional[str]) -> str:
     if name_or_path in (None, BUNDLED_BACKBONE):
-        from backbones import smollm2_model_dir
+        from thinkrec.training.backbones import smollm2_model_dir
 
         return str(smollm2_model_dir())
     return name_or_path
@@ -235,7 +225,7 @@ def check_same_backbone(model: ThinkRecForCausalLM, name_or_path: str, init_from
     found = model.config.text_config
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if getattr(expected, key, None) != getattr(found, key, None):
-            raise ValueError(
+            raise InputError(
                 f"init_from={init_from} was trained on another backbone: its {key} is {getattr(found, key, None)!r}, "
                 f"model_name_or_path={name_or_path} has {getattr(expected, key, None)!r}."
             )
@@ -281,7 +271,7 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
     needs_cf = stage in ("projector", "joint")
     if model_args.init_from:
         if not os.path.isfile(os.path.join(model_args.init_from, "config.json")):
-            raise FileNotFoundError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
+            raise MissingInputError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
         model = ThinkRecForCausalLM.from_pretrained(model_args.init_from, dtype=DTYPES[model_args.dtype])
         tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
         if model_args.model_name_or_path is not None:
@@ -289,13 +279,13 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
         backbone = model.config.text_config._name_or_path or model_args.init_from
         if needs_cf and model.config.cf_model_type == "none":
             if cf is None:
-                raise ValueError(f"stage {stage!r} needs collaborative vectors: init_from has none, so set cf_checkpoint.")
+                raise InputError(f"stage {stage!r} needs collaborative vectors: init_from has none, so set cf_checkpoint.")
             model = with_collaborative_vectors(model, tokenizer, cf)
         elif cf is not None and model.config.cf_model_type != "none":
             logger.info("init_from already holds %s tables; cf_checkpoint is used for the baseline only", model.config.cf_model_type)
     else:
         if needs_cf and cf is None:
-            raise ValueError(f"stage {stage!r} needs collaborative vectors: set cf_checkpoint (train_collaborative.py output).")
+            raise InputError(f"stage {stage!r} needs collaborative vectors: set cf_checkpoint (train_collaborative.py output).")
         language_model, tokenizer, backbone = load_backbone(model_args)
         model = ThinkRecForCausalLM.from_language_model(
             language_model, tokenizer, cf if needs_cf else None, score_type=model_args.score_type
@@ -327,7 +317,7 @@ def check_records_fit(config: ThinkRecConfig, metadata: dict) -> None:
     if metadata["num_items"] > config.num_items:
         problems.append(f"largest ItemID {metadata['num_items'] - 1} >= item table size {config.num_items}")
     if problems:
-        raise ValueError(
+        raise InputError(
             "records do not fit the model's collaborative tables: " + "; ".join(problems)
             + ". Train the collaborative model on the same prepared records."
         )
@@ -338,10 +328,10 @@ def check_template(template: str, model: ThinkRecForCausalLM, stage: str) -> Non
     texts = load_templates(template)
     has_slots = any(any(p in text for p in SLOT_PLACEHOLDERS) for text in texts)
     if model.config.cf_model_type == "none" and has_slots:
-        raise ValueError(f"template {template!r} has id slots ({SLOT_PLACEHOLDERS}) but stage {stage!r} uses a text-only model; "
+        raise InputError(f"template {template!r} has id slots ({SLOT_PLACEHOLDERS}) but stage {stage!r} uses a text-only model; "
                          "use the text_only template or a projector/joint stage with cf_checkpoint.")
     if stage in ("projector", "joint") and not has_slots:
-        raise ValueError(f"stage {stage!r} trains the projector but template {template!r} has no id slot {SLOT_PLACEHOLDERS}; "
+        raise InputError(f"stage {stage!r} trains the projector but template {template!r} has no id slot {SLOT_PLACEHOLDERS}; "
                          "the projector would get no gradient. Use the collaborative template.")
 
 
@@ -559,7 +549,7 @@ def push_folder(training_args: ThinkRecTrainingArguments) -> None:
     from huggingface_hub import HfApi
 
     if not training_args.hub_model_id:
-        raise ValueError("push_to_hub needs hub_model_id (e.g. 'me/thinkrec-ml1m').")
+        raise InputError("push_to_hub needs hub_model_id (e.g. 'me/thinkrec-ml1m').")
     api = HfApi(token=training_args.hub_token or os.environ.get("HF_TOKEN"))
     api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
     api.upload_folder(
@@ -572,4 +562,4 @@ def push_folder(training_args: ThinkRecTrainingArguments) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

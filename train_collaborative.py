@@ -1,12 +1,13 @@
 """Train one collaborative encoder (MF, LightGCN or SASRec) on prepared records.
 
     python train_collaborative.py examples/cf_mf.json
+    python train_collaborative.py examples/cf_mf.json --output_dir outputs/cf_mf_try   # flags override the file
     python train_collaborative.py --records_dir outputs/ml100k --model_type sasrec --output_dir outputs/cf_sasrec
 
 Prints validation and test AUC / UAUC / NDCG@5 (all, warm, cold), writes
 ``OUTPUT_DIR/test_predictions.parquet`` and ``OUTPUT_DIR/metrics.json``, and saves the checkpoint
 (``model.safetensors`` + ``cf_config.json``) that the LLM loads with
-``collaborative_models.load_cf_checkpoint``. With ``grid``, every combination is trained and the
+``thinkrec.collaborative.models.load_cf_checkpoint``. With ``grid``, every combination is trained and the
 best on validation AUC is kept; the test split is scored once, for the kept model only.
 """
 
@@ -17,23 +18,24 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import pandas as pd
 import torch
-from transformers import HfArgumentParser
 
-from collaborative_models import checkpoint_from_model, save_cf_checkpoint
-from collaborative_training import FitConfig, FitResult, build_model, score_split, set_seed, split_from_records, train_pointwise
-from metrics import compute_metrics
-from records_io import load_prepared
+from thinkrec.collaborative.models import MODEL_TYPES, checkpoint_from_model, save_cf_checkpoint
+from thinkrec.collaborative.training import FitConfig, FitResult, build_model, score_split, set_seed, split_from_records, train_pointwise
+from thinkrec.data.preparation import SPLITS
+from thinkrec.data.records import load_prepared
+from thinkrec.evaluation.metrics import compute_metrics
+from thinkrec.utils.arguments import parse_args, run_command
+from thinkrec.utils.errors import InputError, MissingInputError
+from thinkrec.utils.files import atomic_write, write_json
+
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("mf", "lightgcn", "sasrec")
-SPLITS = ("train", "validation", "test")
 
 # Defaults that reproduce the published ML-1M (CoLLM split) numbers, chosen on validation AUC
 # (benchmarks/reproduce_cf.py). A field left unset takes its model's value from here.
@@ -52,7 +54,7 @@ class DataArguments:
     def __post_init__(self):
         path = os.path.join(self.records_dir, "metadata.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"records_dir: expected {path} (see docs/records.md); run prepare_data.py --output_dir {self.records_dir} first"
             )
 
@@ -69,14 +71,14 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {MODEL_TYPES}, found {self.model_type!r}")
+            raise InputError(f"model_type must be one of {MODEL_TYPES}, found {self.model_type!r}")
         if self.embedding_dim is None:
             self.embedding_dim = REPRODUCTION_DEFAULTS[self.model_type]["embedding_dim"]
         for name in ("embedding_dim", "num_layers", "num_blocks", "num_heads", "max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, found {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), found {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), found {self.dropout}")
 
 
 @dataclass
@@ -106,22 +108,22 @@ class CFTrainingArguments:
             try:
                 self.grid = json.loads(self.grid)
             except json.JSONDecodeError as error:
-                raise ValueError(f"grid must be a JSON object of lists, could not parse {self.grid!r}: {error}") from error
+                raise InputError(f"grid must be a JSON object of lists, could not parse {self.grid!r}: {error}") from error
         if self.grid is not None:
             if not isinstance(self.grid, dict) or not self.grid:
-                raise ValueError(f"grid must be a non-empty JSON object of lists, found {self.grid!r}")
+                raise InputError(f"grid must be a non-empty JSON object of lists, found {self.grid!r}")
             for key, values in self.grid.items():
                 if key not in GRID_KEYS:
-                    raise ValueError(f"grid key {key!r} is not supported; expected one of {list(GRID_KEYS)}")
+                    raise InputError(f"grid key {key!r} is not supported; expected one of {list(GRID_KEYS)}")
                 if not isinstance(values, list) or not values:
-                    raise ValueError(f"grid[{key!r}] must be a non-empty list, found {values!r}")
+                    raise InputError(f"grid[{key!r}] must be a non-empty list, found {values!r}")
         if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0, found {self.num_threads}")
+            raise InputError(f"num_threads must be >= 0, found {self.num_threads}")
         for name in ("max_epochs", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamw', found {self.optimizer!r}")
+            raise InputError(f"optimizer must be 'adam' or 'adamw', found {self.optimizer!r}")
 
 
 @dataclass
@@ -213,12 +215,8 @@ def summary_table(valid_metrics: dict, test_metrics: dict) -> str:
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CFTrainingArguments]:
-    """One ``.json`` file (unknown keys fail) or command-line flags."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, CFTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """A `.json` file, flags, or both (flags override the file); unknown keys are an error."""
+    return parse_args((ModelArguments, DataArguments, CFTrainingArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> TrainingOutcome:
@@ -251,7 +249,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "score": outcome.test_scores,
         "not_cold": outcome.test_not_cold,
     })
-    predictions.to_parquet(os.path.join(training_args.output_dir, "test_predictions.parquet"), index=False)
+    atomic_write(os.path.join(training_args.output_dir, "test_predictions.parquet"), lambda temp: predictions.to_parquet(temp, index=False))
     results = {
         "valid": outcome.valid_metrics,
         "test": outcome.test_metrics,
@@ -259,8 +257,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "train_seconds": outcome.fit.train_seconds,
         "grid_results": outcome.grid_results,
     }
-    with open(os.path.join(training_args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(results, os.path.join(training_args.output_dir, "metrics.json"))
     hyper_parameters = {**asdict(outcome.model_args), **asdict(outcome.fit_config)}
     checkpoint_config = {
         "hyper_parameters": hyper_parameters,
@@ -276,4 +273,4 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -17,7 +17,6 @@ Prints a table and, as the last line, one JSON object.
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -25,14 +24,12 @@ import time
 
 import torch
 from torch.nn import functional as F
+from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backbones import load_smollm2, smollm2_tokenizer_dir, tiny_llama  # noqa: E402
-from collaborative_models import CFCheckpoint  # noqa: E402
-from data_collator import ThinkRecCollator  # noqa: E402
-from modeling_thinkrec import ThinkRecForCausalLM  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from data_collator import ThinkRecCollator
+from modeling_thinkrec import ThinkRecForCausalLM
+from thinkrec.collaborative.models import CFCheckpoint
+from thinkrec.training.backbones import load_smollm2, smollm2_tokenizer_dir, tiny_llama
 
 
 WORDS = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_preparation import RecordOptions, prepare_records  # noqa: E402
-from data_readers import InteractionLog, read_ml100k  # noqa: E402
-from records_io import save_prepared  # noqa: E402
+from thinkrec.data.preparation import RecordOptions, prepare_records
+from thinkrec.data.readers import InteractionLog, read_ml100k
+from thinkrec.data.records import save_prepared
 
 
 def synthetic_log(num_interactions: int, num_users: int, num_items: int, seed: int) -> InteractionLog:

@@ -23,14 +23,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from configuration_thinkrec import SCORE_TYPES  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+from configuration_thinkrec import SCORE_TYPES
+
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
 

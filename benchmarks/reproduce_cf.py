@@ -8,7 +8,7 @@ validation AUC; test is scored once, for the kept model). The baseline is the pu
 test AUC / UAUC on the same ML-1M split; the table shows the difference. The ML-1M folder is
 ``../shared/data/ml1m-collm`` next to the repository (``--ml1m_dir`` or ``ML1M_COLLM_DIR``
 override it); that part is skipped with a message when the folder is absent. ML-100K is the
-bundled RecBole copy, prepared by ``data_preparation.prepare_records`` with default options
+bundled RecBole copy, prepared by ``thinkrec.data.preparation.prepare_records`` with default options
 (temporal 80/10/10 split, rating > 3 positive).
 
 The last printed line is one JSON object:
@@ -21,15 +21,15 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from collaborative_models import checkpoint_from_model, save_cf_checkpoint  # noqa: E402
-from train_collaborative import MODEL_TYPES, CFTrainingArguments, ModelArguments, train_and_evaluate  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+from thinkrec.collaborative.models import checkpoint_from_model, save_cf_checkpoint
+from train_collaborative import MODEL_TYPES, CFTrainingArguments, ModelArguments, train_and_evaluate
+
 
 DEFAULT_ML1M_DIR = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
 DATASETS = ("ml1m-collm", "ml-100k")
@@ -39,8 +39,8 @@ PUBLISHED_ML1M = {"mf": (0.6482, 0.6361), "lightgcn": (0.5959, 0.6499), "sasrec"
 
 def load_ml1m_collm(folder: Path, max_history: int):
     """Records frames and table sizes from the CoLLM split, through the project's reader."""
-    from data_preparation import records_from_collm
-    from data_readers import read_collm_splits
+    from thinkrec.data.preparation import records_from_collm
+    from thinkrec.data.readers import read_collm_splits
 
     prepared = records_from_collm(read_collm_splits(folder), max_history=max_history)
     return prepared
@@ -48,8 +48,8 @@ def load_ml1m_collm(folder: Path, max_history: int):
 
 def load_ml100k(max_history: int):
     """Records from the bundled ML-100K with the default preparation options."""
-    from data_preparation import RecordOptions, prepare_records
-    from data_readers import read_ml100k
+    from thinkrec.data.preparation import RecordOptions, prepare_records
+    from thinkrec.data.readers import read_ml100k
 
     return prepare_records(read_ml100k(), RecordOptions(max_history=max_history))
 

@@ -6,9 +6,7 @@ import sys
 
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import run_thinkrec  # noqa: E402
+import run_thinkrec
 
 
 captured = {}

@@ -2,20 +2,18 @@
 SmolLM2 tokenizer, and an MF checkpoint trained on nothing (random tables of the right size)."""
 
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
-from backbones import smollm2_tokenizer_dir, tiny_llama  # noqa: E402
-from collaborative_models import MatrixFactorization, save_cf_checkpoint  # noqa: E402
-from data_preparation import RecordOptions, prepare_records  # noqa: E402
-from data_readers import InteractionLog  # noqa: E402
-from records_io import save_prepared  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from thinkrec.collaborative.models import MatrixFactorization, save_cf_checkpoint
+from thinkrec.data.preparation import RecordOptions, prepare_records
+from thinkrec.data.readers import InteractionLog
+from thinkrec.data.records import save_prepared
+from thinkrec.training.backbones import smollm2_tokenizer_dir, tiny_llama
 
 
 def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0):

@@ -4,19 +4,16 @@ bundled GGUF once, then cached) and tiny random Llama backbones with random CF t
 import functools
 import os
 import random
-import sys
 
 import torch
 from transformers import AutoTokenizer
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
-from backbones import smollm2_tokenizer_dir, tiny_llama  # noqa: E402
-from collaborative_models import CFCheckpoint, SASRec  # noqa: E402
-from modeling_thinkrec import ThinkRecForCausalLM, add_slot_tokens  # noqa: E402
+from modeling_thinkrec import ThinkRecForCausalLM, add_slot_tokens
+from thinkrec.collaborative.models import CFCheckpoint, SASRec
+from thinkrec.training.backbones import smollm2_tokenizer_dir, tiny_llama
 
 
 NUM_USERS = 11

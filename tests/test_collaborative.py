@@ -11,7 +11,7 @@ import torch
 from transformers import HfArgumentParser
 
 import train_collaborative
-from collaborative_models import (
+from thinkrec.collaborative.models import (
     LightGCN,
     MatrixFactorization,
     SASRec,
@@ -20,7 +20,7 @@ from collaborative_models import (
     load_cf_checkpoint,
     save_cf_checkpoint,
 )
-from collaborative_training import (
+from thinkrec.collaborative.training import (
     FitConfig,
     build_model,
     history_matrix,
@@ -29,7 +29,8 @@ from collaborative_training import (
     split_from_records,
     train_pointwise,
 )
-from metrics import roc_auc
+from thinkrec.evaluation.metrics import roc_auc
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_USERS, NUM_ITEMS = 41, 61  # ids 1..40 and 1..60; row 0 is padding
@@ -194,8 +195,8 @@ def write_prepared_dir(directory: Path, frames: dict[str, pd.DataFrame]) -> Path
     """A prepared records folder (docs/records.md), written by the project's own save_prepared."""
     import pyarrow as pa
 
-    from data_preparation import PreparedRecords
-    from records_io import save_prepared
+    from thinkrec.data.preparation import PreparedRecords
+    from thinkrec.data.records import save_prepared
 
     items = pd.DataFrame({"ItemID": np.arange(1, NUM_ITEMS), "original_id": [str(i) for i in range(1, NUM_ITEMS)]})
     items = items.assign(title=[f"item {i}" for i in items["ItemID"]], genres="", description="")
@@ -275,8 +276,8 @@ BENCHMARK_DATA = Path(os.environ.get("ML1M_COLLM_DIR", REPO_ROOT.parent / "share
 @pytest.mark.needs_benchmark_data
 @pytest.mark.skipif(not (BENCHMARK_DATA / "train.parquet").is_file(), reason=f"ML-1M CoLLM split not found at {BENCHMARK_DATA}")
 def test_mf_reproduces_published_ml1m_auc(tmp_path):
-    from data_preparation import records_from_collm
-    from data_readers import read_collm_splits
+    from thinkrec.data.preparation import records_from_collm
+    from thinkrec.data.readers import read_collm_splits
 
     prepared = records_from_collm(read_collm_splits(BENCHMARK_DATA), max_history=10)
     frames = {name: table.to_pandas() for name, table in prepared.splits.items()}

@@ -5,9 +5,9 @@ import doctest
 
 import pytest
 import torch
+from _tiny_model import make_records, make_tokenizer
 
 import data_collator
-from _tiny_model import make_records, make_tokenizer
 from data_collator import TEMPLATE_DIR, ThinkRecCollator, load_templates
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_preparation import RecordOptions, build_histories, gather_ragged, prepare_records, records_from_collm
-from data_readers import DataFormatError, InteractionLog, read_collm_splits
+from thinkrec.data.preparation import RecordOptions, build_histories, gather_ragged, prepare_records, records_from_collm
+from thinkrec.data.readers import DataFormatError, InteractionLog, read_collm_splits
 
 
 BENCHMARK_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml1m-collm"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_readers import (
+from thinkrec.data.readers import (
     ColumnMapping,
     DataFormatError,
     bundled_ml100k_dir,

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 import judge_reasons
-from judge_reasons import judge, load_wordnet, repeated_ngram_rate, wordnet_reader
+from thinkrec.reasons import judge as judging
+from thinkrec.reasons.judge import judge, load_wordnet, repeated_ngram_rate, wordnet_reader
 
 
 REFERENCES = [
@@ -33,7 +34,7 @@ def test_identical_reasons_score_perfectly_and_verdicts_are_compared():
     assert result["verdict_agrees_with_score"] == pytest.approx(2 / 3)  # the third says Yes, its score says No
     assert result["verdict_agrees_with_label"] == pytest.approx(2 / 3)
     assert result["verdict_missing"] == 0.0
-    lengths = [len(judge_reasons.words(text)) for text in REFERENCES]
+    lengths = [len(judging.words(text)) for text in REFERENCES]
     assert result["words_mean"] == pytest.approx(np.mean(lengths)) and result["words_max"] == max(lengths)
     if "meteor" in result:
         assert result["meteor"] > 0.99
@@ -71,8 +72,8 @@ def test_meteor_is_skipped_with_a_reason_where_wordnet_is_absent(tmp_path):
 @pytest.mark.skipif(wordnet_reader()[0] is None, reason=f"WordNet not installed: {wordnet_reader()[1]}")
 def test_meteor_uses_wordnet_synonyms_where_installed():
     # nltk matches synonyms after stemming the leftovers, so use words that are their own stems.
-    value, _ = judge_reasons.meteor(["the car was fast"], ["the auto was fast"])
-    unrelated, _ = judge_reasons.meteor(["the car was fast"], ["the banana was fast"])
+    value, _ = judging.meteor(["the car was fast"], ["the auto was fast"])
+    unrelated, _ = judging.meteor(["the car was fast"], ["the banana was fast"])
     assert value > unrelated  # car/auto match through a WordNet synset
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from metrics import compute_metrics, format_metrics, metric_names
+from thinkrec.evaluation.metrics import compute_metrics, format_metrics, metric_names
+
 
 # Users A, B, C. A has a tied positive/negative pair at 0.8; C has positives only.
 USERS = np.array(["A", "A", "A", "A", "B", "B", "B", "C", "C"])

@@ -3,15 +3,16 @@ LoRA stages, dtype, checkpointing, generation and save/load (native and trust_re
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from _tiny_model import REPO_ROOT, make_model, make_records
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from _tiny_model import REPO_ROOT, make_model, make_records
 from configuration_thinkrec import ThinkRecConfig
 from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
@@ -360,7 +361,22 @@ def test_slot_tokens_are_dedicated_special_tokens(mf_model):
     assert tokenizer.convert_ids_to_tokens(model.config.yes_token_id) == "Yes"
 
 
-REMOTE_SCORE_SCRIPT = """
+# The repository is installed (editable) in the test environment, so a fresh interpreter could import
+# its modules from anywhere: the script first makes every repository module unimportable, so the
+# checkpoint folder's own files are all that can serve `trust_remote_code`.
+BLOCK_REPOSITORY_IMPORTS = """
+import importlib.abc, sys
+REPOSITORY_MODULES = {"thinkrec", "configuration_thinkrec", "modeling_thinkrec", "sasrec_thinkrec", "experts_thinkrec",
+                      "processing_thinkrec", "data_collator", "run_thinkrec"}
+class BlockRepository(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in REPOSITORY_MODULES:
+            raise ModuleNotFoundError(f"No module named {name!r} (repository blocked)")
+        return None
+sys.meta_path.insert(0, BlockRepository())
+"""
+
+REMOTE_SCORE_SCRIPT = BLOCK_REPOSITORY_IMPORTS + """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 checkpoint, batch_path = sys.argv[1], sys.argv[2]
@@ -382,7 +398,7 @@ def test_save_and_load_native_and_remote_code_give_identical_scores(tmp_path, mf
     tokenizer.save_pretrained(checkpoint)
     files = set(os.listdir(checkpoint))
     assert {"config.json", "model.safetensors", "generation_config.json", "configuration_thinkrec.py",
-            "modeling_thinkrec.py", "collaborative_models.py", "tokenizer.json"} <= files
+            "modeling_thinkrec.py", "sasrec_thinkrec.py", "tokenizer.json"} <= files
     assert json.loads((checkpoint / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_thinkrec.ThinkRecForCausalLM"
     )
@@ -402,13 +418,16 @@ def test_save_and_load_native_and_remote_code_give_identical_scores(tmp_path, mf
         model.config.user_slot_token_id, model.config.item_slot_token_id,
     ]
 
-    # trust_remote_code in a fresh interpreter that cannot import the repository's modules.
+    # trust_remote_code in a fresh interpreter that cannot import the repository's modules, from a copy
+    # of the saved folder alone.
+    copied = tmp_path / "elsewhere" / "copied-checkpoint"
+    shutil.copytree(checkpoint, copied)
     batch_path = tmp_path / "batch.pt"
     torch.save(dict(batch), batch_path)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     environment.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCORE_SCRIPT, str(checkpoint), str(batch_path)],
+        [sys.executable, "-c", REMOTE_SCORE_SCRIPT, str(copied), str(batch_path)],
         cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -434,3 +453,24 @@ def test_trainer_predict_returns_per_row_scores_not_vocabulary_logits(tmp_path, 
     expected = torch.cat([model.score(**collate(tokenizer, records[i : i + 2])) for i in range(0, 5, 2)])
     torch.testing.assert_close(torch.sigmoid(torch.from_numpy(scores)), expected, rtol=1e-5, atol=1e-6)
     assert prediction.label_ids[1].tolist() == [float(r["label"]) for r in records]
+
+
+def test_a_real_import_error_in_the_payload_surfaces_as_itself(tmp_path, mf_model):
+    """A sibling file of the remote code that fails to import must show its own error, not a second,
+    confusing "No module named 'sasrec_thinkrec'" from the top-level fallback."""
+    model, tokenizer = mf_model
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    sibling = checkpoint / "sasrec_thinkrec.py"
+    sibling.write_text('raise ImportError("sasrec_thinkrec is broken on purpose")\n' + sibling.read_text())
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    script = BLOCK_REPOSITORY_IMPORTS + (
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "sasrec_thinkrec is broken on purpose" in result.stderr
+    assert "repository blocked" not in result.stderr, result.stderr[-2000:]

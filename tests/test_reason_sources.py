@@ -17,7 +17,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from reason_sources import (
+from thinkrec.reasons.sources import (
     FAILED,
     KEPT,
     REJECTED_VERDICT,
@@ -177,7 +177,7 @@ def test_teacher_prompt_gives_history_target_and_the_answer():
 def tiny_teacher():
     from _tiny_model import make_tokenizer
 
-    from backbones import tiny_llama
+    from thinkrec.training.backbones import tiny_llama
 
     tokenizer = make_tokenizer(with_slots=False)
     return tiny_llama(len(tokenizer), hidden_size=32, num_attention_heads=2, seed=0), tokenizer
@@ -395,7 +395,7 @@ def test_remote_teacher_rejects_a_bad_url():
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python[server] is not installed (its build takes ~5 min of CPU; install it to run this)")
 def test_remote_teacher_against_a_real_llama_cpp_server(tmp_path):
-    from backbones import smollm2_gguf
+    from thinkrec.training.backbones import smollm2_gguf
 
     directory, name = smollm2_gguf()
     with socket.socket() as probe:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import prepare_data
-import records_io
-from data_preparation import RecordOptions, prepare_records
-from data_readers import InteractionLog
-from records_io import RECORD_FEATURES, load_prepared, save_prepared
+import thinkrec.data.records as records_io
+from thinkrec.data.preparation import RecordOptions, prepare_records
+from thinkrec.data.readers import InteractionLog
+from thinkrec.data.records import RECORD_FEATURES, load_prepared, save_prepared
 
 
 def small_records(num_candidates=0):
@@ -123,7 +123,7 @@ def test_quickstart_default_builds_ml100k_records(tmp_path):
 
 
 def test_embeddings_are_exported_as_fixed_length_float32_columns(tmp_path):
-    from collaborative_models import MatrixFactorization, checkpoint_from_model, save_cf_checkpoint
+    from thinkrec.collaborative.models import MatrixFactorization, checkpoint_from_model, save_cf_checkpoint
 
     records = small_records()
     meta = records.metadata
@@ -142,7 +142,7 @@ def test_embeddings_are_exported_as_fixed_length_float32_columns(tmp_path):
 
 
 def test_sasrec_user_vectors_encode_the_positive_history(tmp_path):
-    from collaborative_models import SASRec, save_cf_checkpoint
+    from thinkrec.collaborative.models import SASRec, save_cf_checkpoint
 
     records = small_records()
     encoder = SASRec(records.metadata["num_items"], hidden_size=8, num_blocks=1, max_len=10, dropout=0.0)
@@ -157,7 +157,7 @@ def test_sasrec_user_vectors_encode_the_positive_history(tmp_path):
 
 
 def test_embedding_export_refuses_tables_that_are_too_small(tmp_path):
-    from collaborative_models import MatrixFactorization, checkpoint_from_model, save_cf_checkpoint
+    from thinkrec.collaborative.models import MatrixFactorization, checkpoint_from_model, save_cf_checkpoint
 
     records = small_records()
     small = MatrixFactorization(3, 3, 4)

@@ -8,44 +8,45 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from _run_fixtures import write_records
 from transformers import AutoTokenizer
 
 import reflect
 import run_thinkrec
-from _run_fixtures import write_records
-from backbones import smollm2_tokenizer_dir, tiny_llama
 from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
-from records_io import load_prepared
-from reporting import verdict_of
-from thinkrec_trainer import interleave_reasoning_rows
+from thinkrec.data.records import load_prepared
+from thinkrec.evaluation.reporting import verdict_of
+from thinkrec.reasons import reflection
+from thinkrec.training.backbones import smollm2_tokenizer_dir, tiny_llama
+from thinkrec.training.trainer import interleave_reasoning_rows
 
 
 # ---------------------------------------------------------------------------------- threshold
 
 
 def test_threshold_maximises_accuracy_between_scores():
-    threshold, accuracy = reflect.choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    threshold, accuracy = reflection.choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
     assert accuracy == 1.0 and 0.2 < threshold <= 0.3
     # A model whose scores sit far from 0.5 still gets a useful cut (not the raw 0.5).
-    threshold, accuracy = reflect.choose_threshold([0, 0, 1, 1, 1], [0.80, 0.82, 0.85, 0.9, 0.95])
+    threshold, accuracy = reflection.choose_threshold([0, 0, 1, 1, 1], [0.80, 0.82, 0.85, 0.9, 0.95])
     assert accuracy == 1.0 and 0.82 < threshold <= 0.85
 
 
 def test_threshold_maximising_f1_by_hand():
     labels, scores = [0, 1, 0, 1, 1], [0.1, 0.6, 0.6, 0.7, 0.3]
     # Cuts: Yes for {0.7}: F1 2/4; {0.7, 0.6, 0.6}: 4/6; all but 0.1: 6/7; all: 6/8.
-    threshold, f1 = reflect.choose_threshold(labels, scores, "f1")
+    threshold, f1 = reflection.choose_threshold(labels, scores, "f1")
     assert f1 == pytest.approx(6 / 7) and 0.1 < threshold <= 0.3
     predicted = (np.array(scores) >= threshold).astype(int)
     assert predicted.tolist() == [0, 1, 1, 1, 1]
 
 
 def test_threshold_with_one_distinct_score_and_no_rows():
-    threshold, accuracy = reflect.choose_threshold([0, 1, 1], [0.4, 0.4, 0.4])
+    threshold, accuracy = reflection.choose_threshold([0, 1, 1], [0.4, 0.4, 0.4])
     assert accuracy == pytest.approx(2 / 3) and threshold == pytest.approx(0.4)  # everything Yes
     with pytest.raises(ValueError, match="no rows"):
-        reflect.choose_threshold([], [])
+        reflection.choose_threshold([], [])
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -92,7 +93,7 @@ def test_reflect_explains_the_mispredicted_train_rows(assets, tmp_path, capsys):
     # The rows are exactly the train rows the model gets wrong at the chosen threshold.
     model = ThinkRecForCausalLM.from_pretrained(assets / "model").eval()
     collator = ThinkRecCollator(tokenizer, template="text_only", include_answers=False, max_prompt_tokens=512)
-    scores = reflect.score_rows(model, collator, reasons, batch_size=16)
+    scores = reflection.score_rows(model, collator, reasons, batch_size=16)
     assert ((scores >= saved["threshold"]).astype(int) != reasons["label"].to_numpy()).all()
     keys = set(zip(records.splits["train"]["UserID"], records.splits["train"]["TargetItemID"]))
     assert set(zip(reasons["UserID"], reasons["TargetItemID"])) <= keys
@@ -115,13 +116,13 @@ def test_reflect_explains_the_mispredicted_train_rows(assets, tmp_path, capsys):
 def test_balance_by_label_adds_rows_of_the_rarer_label_in_split_order():
     chosen = pd.DataFrame({"label": [0, 0, 0, 1]}, index=[1, 4, 6, 9])
     pool = pd.DataFrame({"label": [1, 0, 1, 1]}, index=[0, 2, 3, 8])
-    balanced, added = reflect.balance_by_label(chosen, pool, seed=0)
+    balanced, added = reflection.balance_by_label(chosen, pool, seed=0)
     assert added == 2 and balanced["label"].value_counts().to_dict() == {0: 3, 1: 3}
     assert list(balanced.index) == sorted(balanced.index) and set(chosen.index) <= set(balanced.index)
     assert not set(balanced.index) & {2}  # only rows of the rarer label are added
     # A pool too small adds what it has; balanced input is left alone.
-    assert reflect.balance_by_label(pd.DataFrame({"label": [0] * 5}), pool.iloc[:1], seed=0)[1] == 1
-    assert reflect.balance_by_label(pd.DataFrame({"label": [0, 1]}), pool, seed=0)[1] == 0
+    assert reflection.balance_by_label(pd.DataFrame({"label": [0] * 5}), pool.iloc[:1], seed=0)[1] == 1
+    assert reflection.balance_by_label(pd.DataFrame({"label": [0, 1]}), pool, seed=0)[1] == 0
 
 
 def test_reflect_balance_verdicts_explains_both_labels(assets, tmp_path):

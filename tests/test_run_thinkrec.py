@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
 from safetensors.torch import load_file
 
 import run_thinkrec
-from records_io import load_prepared
-from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
-from thinkrec_trainer import interleave_reasoning_rows
+from thinkrec.data.records import load_prepared
+from thinkrec.training.trainer import interleave_reasoning_rows
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_records_whose_ids_exceed_the_cf_tables_stop_before_training(assets, tmp
 
 def test_a_checkpoint_from_another_backbone_is_refused(stage1, tmp_path, assets):
     stage1_dir, _ = stage1
-    from backbones import tiny_llama
+    from thinkrec.training.backbones import tiny_llama
 
     other = tiny_llama(100, hidden_size=48, num_attention_heads=2)
     other.save_pretrained(tmp_path / "other")

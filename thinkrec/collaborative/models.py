@@ -1,8 +1,5 @@
-"""Collaborative-filtering encoders (MF, LightGCN, SASRec) and their safetensors checkpoint format.
-
-This file is also copied next to LLM checkpoints as HF remote code, so it imports only torch,
-safetensors and the standard library. Id 0 is padding in every table.
-"""
+"""Collaborative-filtering encoders (MF, LightGCN; SASRec lives in the model payload,
+`sasrec_thinkrec.py`) and their safetensors checkpoint format. Id 0 is padding in every table."""
 
 from __future__ import annotations
 
@@ -13,10 +10,13 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
+
+from sasrec_thinkrec import PADDING_ID, SASRec
+from thinkrec.utils.errors import MissingInputError
+from thinkrec.utils.files import atomic_write, write_json
+
 
 MODEL_TYPES = ("mf", "lightgcn", "sasrec")
-PADDING_ID = 0
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "cf_config.json"
 
@@ -107,122 +107,6 @@ class LightGCN(nn.Module):
         return (user_table[user_ids] * item_table[item_ids]).sum(-1)
 
 
-class SASRecBlock(nn.Module):
-    """One SASRec block: pre-norm causal self-attention, then a point-wise feed-forward, each residual."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.attention_norm = nn.LayerNorm(hidden_size, eps=1e-8)
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.output = nn.Linear(hidden_size, hidden_size)
-        self.feed_forward_norm = nn.LayerNorm(hidden_size, eps=1e-8)
-        self.feed_forward = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size),
-            nn.Dropout(dropout),
-            nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size),
-            nn.Dropout(dropout),
-        )
-
-    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, length, hidden = states.shape
-        return states.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
-
-    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # As in the SASRec reference code, the query is normalised and the keys/values are not.
-        normed = self.attention_norm(states)
-        attended = F.scaled_dot_product_attention(
-            self._split_heads(self.query(normed)),
-            self._split_heads(self.key(states)),
-            self._split_heads(self.value(states)),
-            attn_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        attended = attended.transpose(1, 2).reshape(states.shape)
-        states = normed + self.output(attended)
-        normed = self.feed_forward_norm(states)
-        return normed + self.feed_forward(normed)
-
-
-class SASRec(nn.Module):
-    """Self-attentive sequential encoder; the user vector is the last position's hidden state.
-
-    Histories are left-padded with 0 (most recent item last). Inputs longer than ``max_len`` keep
-    their last ``max_len`` items; shorter ones are padded to ``max_len`` so that extra leading
-    padding never changes the output.
-    """
-
-    def __init__(
-        self,
-        num_items: int,
-        hidden_size: int = 64,
-        num_blocks: int = 2,
-        num_heads: int = 1,
-        max_len: int = 25,
-        dropout: float = 0.2,
-    ):
-        super().__init__()
-        self.num_items = num_items
-        self.hidden_size = hidden_size
-        self.num_blocks = num_blocks
-        self.num_heads = num_heads
-        self.max_len = max_len
-        self.dropout_rate = dropout
-        self.item_embedding = nn.Embedding(num_items, hidden_size, padding_idx=PADDING_ID)
-        self.position_embedding = nn.Embedding(max_len, hidden_size)
-        self.embedding_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(SASRecBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks))
-        self.final_norm = nn.LayerNorm(hidden_size, eps=1e-8)
-        nn.init.normal_(self.item_embedding.weight, std=0.1)
-        with torch.no_grad():
-            self.item_embedding.weight[PADDING_ID].zero_()
-
-    def config_dict(self) -> dict:
-        """Constructor arguments, enough to rebuild the module."""
-        return {
-            "num_items": self.num_items,
-            "hidden_size": self.hidden_size,
-            "num_blocks": self.num_blocks,
-            "num_heads": self.num_heads,
-            "max_len": self.max_len,
-            "dropout": self.dropout_rate,
-        }
-
-    def _fit_length(self, history_ids: torch.Tensor) -> torch.Tensor:
-        length = history_ids.shape[1]
-        if length >= self.max_len:
-            return history_ids[:, length - self.max_len :]
-        return F.pad(history_ids, (self.max_len - length, 0), value=PADDING_ID)
-
-    def encode(self, history_ids: torch.Tensor) -> torch.Tensor:
-        """User vectors [B, hidden] from left-padded histories [B, L]."""
-        if history_ids.dim() != 2:
-            raise ValueError(f"history_ids: expected shape [batch, length], found {tuple(history_ids.shape)}")
-        history_ids = self._fit_length(history_ids)
-        is_item = history_ids != PADDING_ID  # [B, L]
-        positions = torch.arange(self.max_len, device=history_ids.device)
-        states = self.item_embedding(history_ids) * self.hidden_size**0.5 + self.position_embedding(positions)
-        states = self.embedding_dropout(states) * is_item.unsqueeze(-1)
-        # Causal mask over real items; every position may also attend to itself so that padding
-        # rows (and all-padding histories) get a finite softmax instead of NaN.
-        causal = torch.ones(self.max_len, self.max_len, dtype=torch.bool, device=history_ids.device).tril()
-        diagonal = torch.eye(self.max_len, dtype=torch.bool, device=history_ids.device)
-        attention_mask = (causal & is_item[:, None, :]) | diagonal  # [B, L(query), L(key)]
-        attention_mask = attention_mask.unsqueeze(1)  # broadcast over heads
-        for block in self.blocks:
-            states = block(states, attention_mask) * is_item.unsqueeze(-1)
-        return self.final_norm(states[:, -1])
-
-    def forward(self, history_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        return (self.encode(history_ids) * self.item_embedding(item_ids)).sum(-1)
-
-
 @dataclass
 class CFCheckpoint:
     """Frozen collaborative vectors for the LLM: tables indexed by id (row 0 = padding).
@@ -297,12 +181,6 @@ def checkpoint_from_model(model: nn.Module, num_users: int | None = None, config
     return checkpoint
 
 
-def _write_atomically(directory: str, name: str, write) -> None:
-    temporary_path = os.path.join(directory, f".{name}.tmp")
-    write(temporary_path)
-    os.replace(temporary_path, os.path.join(directory, name))
-
-
 def save_cf_checkpoint(checkpoint: CFCheckpoint | nn.Module, directory: str, config: dict | None = None) -> str:
     """Write ``model.safetensors`` and ``cf_config.json`` into ``directory`` (atomically); return it.
 
@@ -331,14 +209,9 @@ def save_cf_checkpoint(checkpoint: CFCheckpoint | nn.Module, directory: str, con
         "padding_id": PADDING_ID,
         "config": checkpoint.config,
     }
-    _write_atomically(directory, WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
 
-    def write_json(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=2, sort_keys=True, allow_nan=True)
-            handle.write("\n")
-
-    _write_atomically(directory, CONFIG_NAME, write_json)
+    write_json(metadata, os.path.join(directory, CONFIG_NAME), sort_keys=True)
     return directory
 
 
@@ -348,7 +221,7 @@ def load_cf_checkpoint(directory: str, device: str | torch.device = "cpu") -> CF
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"collaborative checkpoint file missing: {path}")
+            raise MissingInputError(f"collaborative checkpoint file missing: {path}")
     with open(config_path, encoding="utf-8") as handle:
         metadata = json.load(handle)
     model_type = metadata.get("model_type")

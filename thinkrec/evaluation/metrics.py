@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+
 DEFAULT_KS = (1, 3, 5, 10)
 GROUPS = ("warm", "cold")
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
 
-from metrics import compute_metrics
+from thinkrec.evaluation.metrics import compute_metrics
 
 
 class ThinkRecTrainer(Trainer):

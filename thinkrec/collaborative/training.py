@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from collaborative_models import PADDING_ID, LightGCN, MatrixFactorization, SASRec
-from metrics import roc_auc
+from thinkrec.collaborative.models import PADDING_ID, LightGCN, MatrixFactorization, SASRec
+from thinkrec.evaluation.metrics import roc_auc
+
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,9 @@ from typing import Optional
 
 import numpy as np
 
+from thinkrec.utils.subsets import metric_cell
+
+
 VERDICT_PATTERN = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 
 
@@ -81,10 +84,6 @@ def plot_training_curves(log_history: list[dict], path: os.PathLike | str) -> Op
     return Path(path)
 
 
-def _cell(value: Optional[float]) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
 def model_card(
     repo_id: Optional[str],
     stage: str,
@@ -104,9 +103,9 @@ def model_card(
     header = "| metric | this model |" + (f" {cf_model_type} alone |" if cf_metrics else "")
     lines = [header, "|---|---|" + ("---|" if cf_metrics else "")]
     for label, key in rows:
-        cells = f"| {label} | {_cell(metrics.get(key))} |"
+        cells = f"| {label} | {metric_cell(metrics.get(key))} |"
         if cf_metrics:
-            cells += f" {_cell(cf_metrics.get(key))} |"
+            cells += f" {metric_cell(cf_metrics.get(key))} |"
         lines.append(cells)
     table = "\n".join(lines)
     metadata = {

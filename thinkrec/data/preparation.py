@@ -2,7 +2,7 @@
 
 Everything here is vectorised (numpy / pyarrow) and seeded; no Python loop runs over rows.
 The record schema is documented in ``docs/records.md``; :func:`prepare_records` builds it from
-an :class:`~data_readers.InteractionLog`, :func:`records_from_collm` from already split
+an :class:`~thinkrec.data.readers.InteractionLog`, :func:`records_from_collm` from already split
 CoLLM/ThinkRec tables.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_readers import DataFormatError, InteractionLog, PresplitRecords
+from thinkrec.data.readers import DataFormatError, InteractionLog, PresplitRecords
 
 
 logger = logging.getLogger(__name__)

@@ -32,10 +32,10 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from reporting import verdict_of
+from thinkrec.evaluation.reporting import verdict_of
 
 
-logger = logging.getLogger("reason_sources")
+logger = logging.getLogger("thinkrec.reasons.sources")
 
 KEPT, REJECTED_VERDICT, FAILED = "kept", "rejected_verdict", "failed"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
@@ -271,7 +271,7 @@ class SynthesisedReasons(ReasonSource):
 
     @classmethod
     def from_records(cls, records, **kwargs) -> "SynthesisedReasons":
-        """From `records_io.load_prepared(dir)`: its item table and train split."""
+        """From `thinkrec.data.records.load_prepared(dir)`: its item table and train split."""
         return cls(items=records.items, train=records.splits["train"], **kwargs)
 
     def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
@@ -467,7 +467,7 @@ class LocalTeacher(ReasonSource):
 
         if model is None:
             if model_name_or_path is None:
-                from backbones import smollm2_model_dir
+                from thinkrec.training.backbones import smollm2_model_dir
 
                 model_name_or_path = str(smollm2_model_dir())
             model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype or torch.float32)

@@ -24,13 +24,15 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from thinkrec.utils.errors import InputError, MissingInputError
+
 
 logger = logging.getLogger(__name__)
 
 TABLE_FORMATS = ("csv", "tsv", "parquet", "jsonl")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """Raised when an input file does not have the shape the reader was told to expect."""
 
 
@@ -70,7 +72,7 @@ class PresplitRecords:
 def _require_file(path: os.PathLike | str, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingInputError(f"{what} not found: {path}")
     return path
 
 
@@ -223,14 +225,14 @@ def bundled_ml100k_dir() -> Path:
     """Folder of MovieLens-100K atomic files shipped in the ``recbole`` wheel (not imported)."""
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "MovieLens-100K is read from the recbole wheel, which is not installed. "
             "Install it without its dependencies: pip install --no-deps recbole==1.2.1 "
             "(or run `make install`)."
         )
     folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
     if not (folder / "ml-100k.inter").is_file():
-        raise FileNotFoundError(f"recbole is installed but {folder / 'ml-100k.inter'} is missing.")
+        raise MissingInputError(f"recbole is installed but {folder / 'ml-100k.inter'} is missing.")
     return folder
 
 
@@ -441,7 +443,7 @@ def _read_collm_file(folder: Path, stem: str, allow_pickle: bool) -> pd.DataFram
                     "allow_pickle=True (--allow_pickle true), or convert it once to Parquet."
                 )
             return pd.read_pickle(pickled)  # the user opted in explicitly
-    raise FileNotFoundError(f"{folder}: no {stem}.parquet (or {stem}.pkl) for the {stem!r} split.")
+    raise MissingInputError(f"{folder}: no {stem}.parquet (or {stem}.pkl) for the {stem!r} split.")
 
 
 def read_collm_splits(folder: os.PathLike | str, allow_pickle: bool = False) -> PresplitRecords:
@@ -453,7 +455,7 @@ def read_collm_splits(folder: os.PathLike | str, allow_pickle: bool = False) -> 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"CoLLM split folder not found: {folder}")
+        raise MissingInputError(f"CoLLM split folder not found: {folder}")
     splits = {}
     for split, stem in COLLM_SPLIT_FILES.items():
         frame = _read_collm_file(folder, stem, allow_pickle)

@@ -7,14 +7,12 @@ folder with a card is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import datasets
 import numpy as np
@@ -24,7 +22,9 @@ import pyarrow.parquet as pq
 import yaml
 from huggingface_hub import HfApi
 
-from data_preparation import SPLITS, PreparedRecords
+from thinkrec.data.preparation import SPLITS, PreparedRecords
+from thinkrec.utils.errors import MissingInputError
+from thinkrec.utils.files import atomic_write, atomic_write_named_by_content, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -65,20 +65,6 @@ EMBEDDING_COLUMNS = ("User_emb", "TargetItem_emb", "History_embs")
 OUTPUT_FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Run ``write(temp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
 def write_table(table: pa.Table, directory: Path, stem: str, features: datasets.Features, output_format: str) -> str:
     """Write one table atomically as Parquet (HF features in its schema) or JSON lines.
 
@@ -89,34 +75,14 @@ def write_table(table: pa.Table, directory: Path, stem: str, features: datasets.
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
     table = table.cast(features.arrow_schema)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
+
+    def write(temp: str) -> None:
         if output_format == "parquet":
             pq.write_table(table, temp)
         else:
             table.to_pandas().to_json(temp, orient="records", lines=True, force_ascii=False)
-        digest = hashlib.sha256()
-        with open(temp, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        name = f"{stem}-{digest.hexdigest()[:12]}{OUTPUT_FORMATS[output_format]}"
-        os.replace(temp, directory / name)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    return name
 
-
-def write_json(payload: dict, path: Path) -> None:
-    def write(temp: str) -> None:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    _atomic_write(path, write)
+    return atomic_write_named_by_content(directory, stem, OUTPUT_FORMATS[output_format], write)
 
 
 def record_features(embedding_dims: Optional[dict[str, int]] = None) -> datasets.Features:
@@ -187,7 +153,7 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
     """
     import torch
 
-    from collaborative_models import check_ids_fit, load_cf_checkpoint
+    from thinkrec.collaborative.models import check_ids_fit, load_cf_checkpoint
 
     cf = load_cf_checkpoint(cf_checkpoint_dir)
     check_ids_fit(cf, records.metadata["num_users"] - 1, records.metadata["num_items"] - 1, source=str(cf_checkpoint_dir))
@@ -238,9 +204,9 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     if records.candidates is not None:
         files["candidates"] = "candidates/" + write_table(records.candidates, output_dir / "candidates", "test", CANDIDATE_FEATURES, output_format)
     metadata = dict(records.metadata, output_format=output_format, files=files)
-    write_json(metadata, output_dir / "metadata.json")
+    write_json(metadata, output_dir / "metadata.json", sort_keys=True)
     card = dataset_card(records, files, features)
-    _atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
     current = {output_dir / path for path in files.values()}
     for pattern in ("data/*", "items-*", "users-*", "candidates/*"):
         for stale in output_dir.glob(pattern):
@@ -271,14 +237,14 @@ def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
     directory = Path(directory)
     metadata_path = directory / "metadata.json"
     if not metadata_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{directory} is not a prepared records folder (no metadata.json). Run prepare_data.py --output_dir {directory} first."
         )
     metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     output_format, files = metadata.get("output_format", "parquet"), metadata.get("files", {})
     missing = [name for name in (*SPLITS, "items", "users") if name not in files or not (directory / files[name]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{metadata_path}: files for {missing} are missing; prepare the folder again.")
+        raise MissingInputError(f"{metadata_path}: files for {missing} are missing; prepare the folder again.")
     read = lambda name: _read_frame(directory / files[name], output_format)  # noqa: E731
     return LoadedRecords(
         splits={split: read(split) for split in SPLITS},

@@ -1,0 +1,114 @@
+"""The plumbing every command shares: arguments from a `.json` file, flags, or both; bad input printed
+as one message with a non-zero exit; the library importable without `sys.path` edits."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from thinkrec.utils.arguments import parse_args, run_command
+from thinkrec.utils.errors import InputError
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class First:
+    records_dir: str = field(metadata={"help": "required"})
+    rows: int = 10
+    names: list[str] = field(default_factory=lambda: ["a"])
+
+
+@dataclass
+class Second:
+    learning_rate: float = 1e-4
+    shuffle: bool = False
+
+
+def write(tmp_path, payload) -> str:
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_a_json_file_alone(tmp_path):
+    first, second = parse_args((First, Second), [write(tmp_path, {"records_dir": "d", "rows": 3, "shuffle": True})])
+    assert (first.records_dir, first.rows, first.names, second.shuffle) == ("d", 3, ["a"], True)
+
+
+def test_flags_after_a_json_file_override_it(tmp_path):
+    path = write(tmp_path, {"records_dir": "d", "rows": 3, "learning_rate": 0.5, "names": ["x", "y"]})
+    first, second = parse_args((First, Second), [path, "--rows", "7", "--shuffle", "true"])
+    # The flags win; what they do not name keeps the file's value (a required one included).
+    assert (first.records_dir, first.rows, first.names) == ("d", 7, ["x", "y"])
+    assert (second.learning_rate, second.shuffle) == (0.5, True)
+
+
+def test_flags_alone(tmp_path):
+    first, second = parse_args((First, Second), ["--records_dir", "d", "--learning_rate", "0.1"])
+    assert (first.records_dir, second.learning_rate) == ("d", 0.1)
+
+
+def test_unknown_keys_and_flags_are_errors(tmp_path):
+    with pytest.raises(InputError, match=r"unknown keys \['epochs'\]"):
+        parse_args((First, Second), [write(tmp_path, {"records_dir": "d", "epochs": 3})])
+    with pytest.raises(InputError, match=r"unknown arguments \['--epochs', '3'\]"):
+        parse_args((First, Second), [write(tmp_path, {"records_dir": "d"}), "--epochs", "3"])
+    with pytest.raises(InputError, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{records_dir: d}")
+        parse_args((First, Second), [str(tmp_path / "bad.json")])
+    with pytest.raises(InputError, match="no such arguments file"):
+        parse_args((First, Second), [str(tmp_path / "missing.json")])
+
+
+def test_run_command_prints_input_errors_as_one_message(capsys):
+    def main(argv):
+        raise InputError("records.parquet: missing column 'label'")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_command(main, [])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: records.parquet: missing column 'label'\n"
+
+
+def test_run_command_keeps_the_traceback_of_real_bugs():
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_command(main, [])
+
+
+def _command(tmp_path, *args):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_a_command_with_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
+    table = tmp_path / "log.csv"
+    table.write_text("user,item,time\n1,2,3\n")
+    result = _command(tmp_path, str(REPO_ROOT / "prepare_data.py"), "--source", "table", "--data_path", str(table),
+                      "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and "user_id" in message[0], result.stderr
+
+
+def test_a_json_file_with_an_override_runs_a_command(tmp_path):
+    # prepare_data.py file.json --flag failed before the shared parser (it only took a lone .json file).
+    path = write(tmp_path, {"source": "ml-100k", "output_dir": str(tmp_path / "ignored")})
+    result = _command(tmp_path, str(REPO_ROOT / "prepare_data.py"), path, "--output_dir", str(tmp_path / "records"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "records" / "metadata.json").is_file() and not (tmp_path / "ignored").exists()
+
+
+def test_the_library_imports_without_path_edits(tmp_path):
+    # Run from a folder that is not the repository: the installed package and root modules resolve.
+    result = _command(tmp_path, "-c", "import thinkrec.data.records, modeling_thinkrec, run_thinkrec; print('ok')")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

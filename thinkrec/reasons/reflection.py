@@ -1,0 +1,122 @@
+"""Reflection: find a trained model's mistakes and choose the rows to explain. The command is
+`reflect.py` at the repository root; the reason sources are in `thinkrec.reasons.sources`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from thinkrec.reasons.sources import SOURCES, LocalTeacher, RemoteTeacher, SynthesisedReasons
+from thinkrec.utils.errors import InputError
+from thinkrec.utils.subsets import seeded_subset
+
+
+THRESHOLD_METRICS = ("accuracy", "f1")
+
+
+@dataclass
+class SourceArguments:
+    """Where the reasons come from (thinkrec/reasons/sources.py)."""
+
+    source: str = field(default="synthesised", metadata={"help": f"One of {SOURCES}."})
+    max_reason_tokens: int = field(default=200, metadata={"help": "Cap per reason, in the trained model's tokens; cut at a sentence."})
+    fallback_to_synthesised: bool = field(
+        default=False, metadata={"help": "Explain rows the teacher failed or contradicted with the synthesiser instead of dropping them."}
+    )
+    teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF causal LM path or id (default: bundled SmolLM2-135M-Instruct)."})
+    teacher_batch_size: int = field(default=8, metadata={"help": "local: rows per generation batch."})
+    teacher_max_new_tokens: int = field(default=160, metadata={"help": "local/remote: tokens the teacher may write."})
+    base_url: Optional[str] = field(default=None, metadata={"help": "remote: e.g. http://127.0.0.1:8080/v1."})
+    remote_model: Optional[str] = field(default=None, metadata={"help": "remote: model name sent with each request."})
+    api_key_env: Optional[str] = field(
+        default="OPENAI_API_KEY", metadata={"help": "remote: NAME of the environment variable holding the API key (the key is never saved)."}
+    )
+    cache_path: Optional[str] = field(
+        default=None, metadata={"help": "remote: answer cache (JSON lines); default <output_path>.cache.jsonl. A rerun asks only the rest."}
+    )
+    concurrency: int = field(default=4, metadata={"help": "remote: requests in flight."})
+    max_retries: int = field(default=4, metadata={"help": "remote: retries per row (429/5xx/timeouts/bad answers)."})
+    request_timeout: float = field(default=60.0, metadata={"help": "remote: seconds per request."})
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise InputError(f"source must be one of {SOURCES}, got {self.source!r}.")
+        if self.source == "remote" and not (self.base_url and self.remote_model):
+            raise InputError("source 'remote' needs base_url and remote_model.")
+
+
+def score_rows(model, collator, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """P("Yes") for every row of `frame`, in order."""
+    records = frame.to_dict("records")
+    scores = []
+    for start in range(0, len(records), batch_size):
+        batch = collator(records[start : start + batch_size])
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        scores.append(model.score(**batch).float().cpu().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def balance_by_label(chosen: pd.DataFrame, pool: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, int]:
+    """`chosen` plus seeded rows of `pool` carrying the label `chosen` has fewer of, until both labels
+    have as many rows (or the pool runs out); rows stay in split order. Returns the rows and how many
+    were added."""
+    counts = chosen["label"].value_counts()
+    positives, negatives = int(counts.get(1, 0)), int(counts.get(0, 0))
+    if positives == negatives:
+        return chosen, 0
+    minority = 1 if positives < negatives else 0
+    extra = seeded_subset(pool[pool["label"] == minority], abs(positives - negatives), seed)
+    return pd.concat([chosen, extra]).sort_index(), len(extra)
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, metric: str = "accuracy") -> tuple[float, float]:
+    """(threshold, metric value): predict Yes when score >= threshold, at the cut that maximises
+    accuracy or F1 on these rows; ties go to the cut nearest 0.5."""
+    labels, scores = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    if len(labels) == 0:
+        raise ValueError("choose_threshold: no rows to choose a threshold on.")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # Cut k = the k highest-scored rows predicted Yes; only cuts between distinct scores are possible.
+    n = len(labels)
+    cuts = np.r_[0, np.flatnonzero(np.diff(sorted_scores) != 0) + 1, n]
+    true_pos = np.r_[0, np.cumsum(sorted_labels)][cuts]
+    false_pos = cuts - true_pos
+    positives = int(labels.sum())
+    if metric == "accuracy":
+        values = (true_pos + (n - positives - false_pos)) / n
+    else:
+        denominator = cuts + positives
+        values = np.divide(2 * true_pos, denominator, out=np.zeros(len(cuts)), where=denominator > 0)
+    # The threshold of cut k lies midway between the last Yes score and the first No score.
+    last_yes = sorted_scores[np.clip(cuts - 1, 0, n - 1)]
+    first_no = sorted_scores[np.clip(cuts, 0, n - 1)]
+    thresholds = (last_yes + first_no) / 2
+    thresholds[cuts == 0] = np.nextafter(sorted_scores[0], np.inf)
+    thresholds[cuts == n] = sorted_scores[-1]
+    best = np.flatnonzero(values == values.max())
+    pick = best[np.argmin(np.abs(thresholds[best] - 0.5))]
+    return float(thresholds[pick]), float(values[pick])
+
+
+def build_source(source_args: SourceArguments, records, tokenizer, output_path: Path, seed: int):
+    """The reason source named by `source`, its length cap counted in the trained model's tokens."""
+    count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if source_args.source == "synthesised":
+        return SynthesisedReasons.from_records(records, seed=seed, max_reason_tokens=source_args.max_reason_tokens,
+                                               count_tokens=count_tokens)
+    if source_args.source == "local":
+        teacher = LocalTeacher(source_args.teacher_model, batch_size=source_args.teacher_batch_size,
+                               max_new_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens)
+        teacher.count_tokens = count_tokens
+        return teacher
+    cache_path = source_args.cache_path or str(output_path.with_suffix(".cache.jsonl"))
+    return RemoteTeacher(
+        source_args.base_url, source_args.remote_model, api_key_env=source_args.api_key_env, cache_path=cache_path,
+        concurrency=source_args.concurrency, max_retries=source_args.max_retries, timeout=source_args.request_timeout,
+        max_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens, count_tokens=count_tokens,
+    )
