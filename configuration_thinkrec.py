@@ -7,6 +7,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 CF_MODEL_TYPES = ("none", "mf", "lightgcn", "sasrec")
 SCORE_TYPES = ("yes_logit", "yes_no_log_odds")
+# hard: the row's cluster expert; soft: softmax(cos / T) over the clusters; thinkrec: the published
+# thresholds (one cluster when confident, the general expert when near-uniform, else the soft mix).
+ROUTING_RULES = ("hard", "soft", "thinkrec")
 DEFAULT_LORA_CONFIG = {
     "r": 8,
     "lora_alpha": 16,
@@ -41,7 +44,14 @@ class ThinkRecConfig(PreTrainedConfig):
             `"yes_no_log_odds"` (logit("Yes") - logit("No")).
         lora_config (`dict`, *optional*): LoRA adapter settings (`r`, `lora_alpha`, `lora_dropout`,
             `target_modules`) when the LM carries a LoRA adapter; `None` for none.
-        num_experts (`int`): number of user-cluster LoRA experts (0 = no routing).
+        num_experts (`int`): number of user-cluster LoRA experts G (0 = none); a general expert is
+            added to them, so the adapted layers hold G + 1 experts.
+        expert_layers (`list[int]`, *optional*): decoder layers whose LoRA becomes experts (the others keep
+            the shared, frozen LoRA); `None` with experts = every layer.
+        routing_rule (`str`): one of `ROUTING_RULES` ("hard", "soft", "thinkrec"), applied per row to
+            the row's CF user vector at every forward.
+        train_general_expert (`bool`): in training, every row also passes through the general expert
+            alone (the batch is doubled), so the general expert sees every row.
         routing_temperature (`float`): temperature of `softmax(cos(u, centroids) / T)` (0.1).
         routing_confidence_base / routing_confidence_scale (`float`): a single expert is used when
             `max w > base + scale / n` (0.5, 0.6).
@@ -91,6 +101,9 @@ class ThinkRecConfig(PreTrainedConfig):
     score_type: str = "yes_logit"
     lora_config: dict | None = None
     num_experts: int = 0
+    expert_layers: list[int] | None = None
+    routing_rule: str = "thinkrec"
+    train_general_expert: bool = True
     routing_temperature: float = 0.1
     routing_confidence_base: float = 0.5
     routing_confidence_scale: float = 0.6
@@ -165,6 +178,17 @@ class ThinkRecConfig(PreTrainedConfig):
                 )
         if self.num_experts < 0:
             raise ValueError(f"ThinkRecConfig.num_experts must be >= 0, got {self.num_experts}.")
+        if self.routing_rule not in ROUTING_RULES:
+            raise ValueError(f"ThinkRecConfig.routing_rule must be one of {ROUTING_RULES}, got {self.routing_rule!r}.")
+        if self.num_experts:
+            if self.num_experts < 2:
+                raise ValueError(f"ThinkRecConfig.num_experts must be 0 (none) or at least 2 clusters, got {self.num_experts}.")
+            if self.lora_config is None:
+                raise ValueError("ThinkRecConfig.num_experts > 0 needs lora_config: experts are LoRA adapters.")
+            if self.cf_model_type == "none":
+                raise ValueError(
+                    "ThinkRecConfig.num_experts > 0 needs CF user vectors to route rows (cf_model_type is 'none')."
+                )
         if self.routing_temperature <= 0:
             raise ValueError(f"ThinkRecConfig.routing_temperature must be > 0, got {self.routing_temperature}.")
         if not 0 < self.routing_entropy_fraction <= 1:

@@ -1,7 +1,7 @@
 """User-cluster LoRA experts mixed exactly per row, and the router that weights them.
 
 Part of the model's remote-code payload (saved next to `modeling_thinkrec.py`), so it imports only
-torch, peft, transformers and the standard library.
+torch, peft, the standard library and its sibling `configuration_thinkrec.py`.
 
 The G cluster experts plus the general expert (E = G + 1 in all) of one adapted linear layer are
 stored as ONE rank-E·r LoRA; each row's routing weights scale the expert slices between A and B
@@ -21,7 +21,14 @@ from torch import nn
 from torch.nn import functional as F
 
 
-ROUTING_RULES = ("hard", "soft", "thinkrec")
+# Imported as a checkpoint's remote code (a package) or as a top-level module of the repository; only
+# the second kind of failure falls back, so a real import error surfaces as itself.
+try:
+    from .configuration_thinkrec import ROUTING_RULES
+except ImportError:
+    if __package__:
+        raise
+    from configuration_thinkrec import ROUTING_RULES
 
 # Decoder layer index inside names such as `model.layers.3.self_attn.q_proj`.
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -31,15 +31,17 @@ from transformers.utils import ModelOutput
 # surfaces as itself.
 try:
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from .experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
     from .sasrec_thinkrec import SASRec
 except ImportError:
     if __package__:
         raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
     from sasrec_thinkrec import SASRec
 
 
-TRAINING_STAGES = ("lora", "projector", "joint")
+TRAINING_STAGES = ("lora", "projector", "joint", "experts")
 MODE_REC = 0
 MODE_REASON = 1
 IGNORE_INDEX = -100
@@ -92,7 +94,7 @@ class ThinkRecPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # The projector, the CF tables/encoder and LoRA are small and numerically sensitive: they stay
     # float32 when the LM is loaded in bf16/fp16.
-    _keep_in_fp32_modules_strict = ["projector", "user_table", "item_table", "sequence_encoder", "lora_"]
+    _keep_in_fp32_modules_strict = ["projector", "user_table", "item_table", "sequence_encoder", "lora_", "router"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -145,6 +147,10 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 self.user_table = nn.Embedding(config.num_users, config.cf_embedding_dim, dtype=torch.float32)
         if config.lora_config is not None:
             self._inject_lora(config.lora_config)
+        self.router = None
+        self.routing_state = None
+        if config.num_experts:
+            self._inject_experts()
         self.post_init()
         self._freeze_collaborative_modules()
 
@@ -257,12 +263,102 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
     def has_lora(self) -> bool:
         return self.config.lora_config is not None
 
-    def set_training_stage(self, stage: str) -> list[str]:
-        """Make only the parameters of `stage` trainable: "lora" (LoRA only), "projector" (projector only)
-        or "joint" (both). The base LM, CF tables and SASRec encoder are always frozen. Returns the
-        names of the trainable parameters."""
+    @property
+    def has_experts(self) -> bool:
+        return self.router is not None
+
+    def add_experts(
+        self,
+        scaler_mean,
+        scaler_scale,
+        centroids,
+        expert_layers: list[int] | None = None,
+        routing_rule: str | None = None,
+    ) -> None:
+        """Turn the LoRA of `expert_layers` (None = every layer) into G + 1 experts, each starting as a
+        copy of that LoRA, and store the user scaler and the G standardised cluster centroids for
+        routing (`thinkrec.experts.clusters.fit_user_clusters` fits them)."""
+        if self.has_experts:
+            raise ValueError(f"The model already has {self.config.num_experts} experts.")
+        if not self.has_lora:
+            raise ValueError("Experts start from a LoRA adapter but the model has none: start from a stage-1 or stage-2 folder.")
+        if self.config.cf_model_type == "none":
+            raise ValueError("Experts are routed by CF user vectors but the model has none: load a CF checkpoint first.")
+        num_clusters = len(centroids)
+        num_layers = self.config.text_config.num_hidden_layers
+        if expert_layers is not None:
+            bad = [index for index in expert_layers if not -num_layers <= index < num_layers]
+            if bad:
+                raise ValueError(f"expert_layers {bad} outside the LM's {num_layers} decoder layers.")
+            expert_layers = sorted({index % num_layers for index in expert_layers})
+        previous = (self.config.num_experts, self.config.expert_layers, self.config.routing_rule)
+        self.config.num_experts = num_clusters
+        self.config.expert_layers = expert_layers
+        if routing_rule is not None:
+            self.config.routing_rule = routing_rule
+        try:
+            self.config._check_settings()
+            self._inject_experts()
+        except ValueError:
+            self.config.num_experts, self.config.expert_layers, self.config.routing_rule = previous
+            raise
+        self.router.set_clusters(scaler_mean, scaler_scale, centroids)
+        self.router.to(self.device)
+
+    def _inject_experts(self) -> None:
+        config = self.config
+        self.router = UserRouter(config.num_experts, config.cf_embedding_dim)
+        self.routing_state = inject_experts(self.language_model, config.num_experts + 1, config.expert_layers)
+
+    def route(self, user_ids: torch.LongTensor | None = None, history_item_ids: torch.LongTensor | None = None) -> torch.Tensor:
+        """Expert weights [B, G + 1] of each row (the last column is the general expert) under
+        `config.routing_rule`, from the row's CF user vector (table row, or SASRec history encoding)."""
+        if not self.has_experts:
+            raise ValueError("The model has no experts to route to.")
+        config = self.config
+        if config.cf_model_type == "sasrec":
+            if history_item_ids is None:
+                raise ValueError("Routing a SASRec model needs history_item_ids ([batch, length], left-padded with 0).")
+            self._check_id_range("history_item_ids", history_item_ids, config.num_items)
+            vectors = self.sequence_encoder.encode(history_item_ids)
+        else:
+            if user_ids is None:
+                raise ValueError("Routing needs user_ids (one CF user id per row; ThinkRecCollator provides them).")
+            self._check_id_range("user_ids", user_ids, config.num_users)
+            if not user_ids.all():
+                row = (user_ids == 0).nonzero()[0].item()
+                raise ValueError(f"user_ids: row {row} holds the padding id 0, which has no CF vector to route by.")
+            vectors = self.user_table(user_ids)
+        return self.router(
+            vectors,
+            rule=config.routing_rule,
+            temperature=config.routing_temperature,
+            confidence_base=config.routing_confidence_base,
+            confidence_scale=config.routing_confidence_scale,
+            entropy_fraction=config.routing_entropy_fraction,
+        )
+
+    def set_training_stage(self, stage: str, train_projector: bool = False) -> list[str]:
+        """Make only the parameters of `stage` trainable: "lora" (LoRA only), "projector" (projector only),
+        "joint" (both) or "experts" (the expert layers' LoRA; with `train_projector`, the projector
+        too). The base LM, CF tables, SASRec encoder and router are always frozen. Returns the names
+        of the trainable parameters."""
         if stage not in TRAINING_STAGES:
             raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}.")
+        if stage == "experts":
+            if not self.has_experts:
+                raise ValueError("stage 'experts' trains the experts but the model has none; call add_experts() first.")
+            if train_projector and self.projector is None:
+                raise ValueError("train_projector=True but the model has no projector.")
+            expert_modules = {name for name, module in self.named_modules() if isinstance(module, ExpertLoraLinear)}
+            trainable = []
+            for name, parameter in self.named_parameters():
+                module_name = name.rpartition(".")[0]
+                is_expert = module_name in expert_modules and name.rpartition(".")[2] in ("lora_A", "lora_B")
+                parameter.requires_grad_(is_expert or (train_projector and name.startswith("projector.")))
+                if parameter.requires_grad:
+                    trainable.append(name)
+            return trainable
         if stage in ("lora", "joint") and not self.has_lora:
             raise ValueError(f"stage {stage!r} trains the LoRA adapter but the model has none; call add_lora() first.")
         if stage in ("projector", "joint") and self.projector is None:
@@ -441,7 +537,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         mode: [B] 0 = recommendation row, 1 = reasoning row (picks the row's loss weights).
         target_labels: [B] 1.0 liked / 0.0 not, the BCE target of the score.
         user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecForCausalLM.embed_prompt`].
-        user_ids / item_ids: carried by the collator for metrics (UAUC); unused here.
+        user_ids / item_ids: CF ids of each row (metrics; `user_ids` also routes rows to experts).
         return_logits: also return the full vocabulary logits (memory heavy; off for training/eval).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -455,6 +551,21 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             # Left padding: positions count real tokens only, so a row's positions do not depend on
             # how much padding the other rows forced on it.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        routed_rows = batch_size
+        if self.has_experts:
+            routing_weights = self.route(user_ids, history_item_ids)
+            if labels is not None and self.training and self.config.train_general_expert:
+                # The general expert sees every row: the batch runs twice in one pass, once under the
+                # routing rule and once through the general expert alone.
+                general = torch.zeros_like(routing_weights)
+                general[:, -1] = 1.0
+                routing_weights = torch.cat([routing_weights, general])
+                inputs_embeds, attention_mask, position_ids, labels, mode, target_labels = (
+                    torch.cat([tensor, tensor]) for tensor in (inputs_embeds, attention_mask, position_ids, labels, mode, target_labels)
+                )
+                batch_size *= 2
+            self.routing_state.weights = routing_weights
 
         if labels is not None:
             if mode is None or target_labels is None:
@@ -505,7 +616,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
 
         return ThinkRecOutput(
             loss=loss,
-            scores=scores,
+            scores=scores[:routed_rows],
             bce_loss=bce_loss,
             lm_loss=lm_loss,
             logits=full_logits,
@@ -541,6 +652,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             user_slot_ids=user_slot_ids,
             item_slot_ids=item_slot_ids,
             history_item_ids=history_item_ids,
+            user_ids=batch_metadata.get("user_ids"),
         )
         self.train(was_training)
         return torch.sigmoid(outputs.scores)
@@ -554,13 +666,18 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         item_slot_ids: torch.LongTensor | None = None,
         history_item_ids: torch.LongTensor | None = None,
         generation_config: GenerationConfig | None = None,
+        user_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         """Generate answers (verdict and reason) for left-padded prompts with injected CF vectors.
-        Returns only the new tokens [B, new_length]; uses `self.generation_config` unless given one."""
+        Returns only the new tokens [B, new_length]; uses `self.generation_config` unless given one.
+        `user_ids` route the rows of a model with experts (SASRec models route by `history_item_ids`)."""
         inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.has_experts:
+            # Every decoding step of these rows runs through the same per-row expert mixture.
+            self.routing_state.weights = self.route(user_ids, history_item_ids)
         # Per-call settings (max_new_tokens, do_sample, ...) override a copy of the saved config.
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)

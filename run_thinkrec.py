@@ -8,7 +8,9 @@
 Stages are configuration, each starting from the previous stage's output directory
 (`init_from`): `lora` trains a LoRA adapter on text-only prompts (TALLRec-style, stage 1),
 `projector` trains the projector that turns collaborative vectors into soft tokens with the LoRA
-frozen (CoLLM-style, stage 2), `joint` trains both. Reasoning rows (`mode="reason"`) are mixed
+frozen (CoLLM-style, stage 2), `joint` trains both, `experts` clusters the training users by their
+CF vectors and turns the LoRA of the last layers into one expert per cluster plus a general expert,
+all trained in one run and mixed per row (stage 3). Reasoning rows (`mode="reason"`) are mixed
 into the recommendation rows row by row at `reasoning_share`.
 """
 
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,24 +41,27 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from configuration_thinkrec import SCORE_TYPES, ThinkRecConfig
+from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
 from data_collator import ThinkRecCollator, load_templates
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
 from thinkrec.collaborative.models import load_cf_checkpoint
 from thinkrec.data.records import load_prepared
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
+from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.dtypes import DTYPES, resolve_dtype
 from thinkrec.utils.errors import InputError, MissingInputError
+from thinkrec.utils.files import atomic_write, write_json
 from thinkrec.utils.subsets import seeded_subset
 
 
 logger = logging.getLogger("run_thinkrec")
 
 BUNDLED_BACKBONE = "smollm2"
+# The experts stage keeps the prompt of the model it starts from (see default_templates).
 STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "collaborative"}
 # Reasoning rows (and generated reasons) use a prompt that asks for the verdict *and* the explanation.
 STAGE_REASON_TEMPLATES = {"lora": "reflection_text_only", "projector": "reflection", "joint": "reflection"}
@@ -93,11 +99,27 @@ class ModelArguments:
         default="yes_logit", metadata={"help": "'yes_logit' (published: raw logit of 'Yes') or 'yes_no_log_odds'."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for the backbone."})
+    num_clusters: Optional[int] = field(
+        default=None, metadata={"help": "experts: user clusters G (one expert each, plus a general one); None = chosen by silhouette over 2..10."}
+    )
+    cluster_method: str = field(default="kmeans", metadata={"help": f"experts: one of {CLUSTER_METHODS} (on standardised CF user vectors)."})
+    expert_layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "experts: decoder layers whose LoRA becomes experts (negative = from the end); default the last 8 (published)."}
+    )
+    routing_rule: str = field(default="thinkrec", metadata={"help": f"experts: one of {ROUTING_RULES}, applied per row."})
+    train_general_expert: bool = field(
+        default=True, metadata={"help": "experts: every training row also trains the general expert (the batch runs twice)."}
+    )
+    experts_train_projector: bool = field(default=False, metadata={"help": "experts: train the projector jointly (else frozen)."})
 
     def __post_init__(self):
         resolve_dtype(self.dtype)
         if self.score_type not in SCORE_TYPES:
             raise InputError(f"score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
+        if self.routing_rule not in ROUTING_RULES:
+            raise InputError(f"routing_rule must be one of {ROUTING_RULES}, got {self.routing_rule!r}.")
+        if self.cluster_method not in CLUSTER_METHODS:
+            raise InputError(f"cluster_method must be one of {CLUSTER_METHODS}, got {self.cluster_method!r}.")
 
 
 @dataclass
@@ -265,10 +287,12 @@ def with_collaborative_vectors(model: ThinkRecForCausalLM, tokenizer, cf_checkpo
     return combined
 
 
-def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict):
+def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict, train_rows=None):
     stage = training_args.stage
     cf = load_cf_checkpoint(model_args.cf_checkpoint) if model_args.cf_checkpoint else None
-    needs_cf = stage in ("projector", "joint")
+    needs_cf = stage in ("projector", "joint", "experts")
+    if stage == "experts" and not model_args.init_from:
+        raise InputError("stage 'experts' starts from a stage-1 or stage-2 folder with a LoRA adapter: set init_from.")
     if model_args.init_from:
         if not os.path.isfile(os.path.join(model_args.init_from, "config.json")):
             raise MissingInputError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
@@ -297,14 +321,38 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
         )
+    if stage == "experts" and not model.has_experts:
+        add_user_cluster_experts(model, model_args, train_rows, training_args.output_dir, training_args.seed)
     for name in LOSS_WEIGHTS:
         if getattr(training_args, name) is not None:
             setattr(model.config, name, getattr(training_args, name))
-    trainable = model.set_training_stage(stage)
+    trainable = model.set_training_stage(stage, train_projector=model_args.experts_train_projector)
     logger.info("stage %s: %d trainable tensors, %s parameters", stage, len(trainable),
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     check_records_fit(model.config, metadata)
     return model, tokenizer, backbone, cf
+
+
+def add_user_cluster_experts(model: ThinkRecForCausalLM, model_args: ModelArguments, train_rows, output_dir: str, seed: int) -> None:
+    """Cluster the training users by their CF vectors, write the clusters' summary and assignment to
+    `output_dir`, and give `model` one LoRA expert per cluster plus a general one (each a copy of its LoRA)."""
+    if not model.has_lora:
+        raise InputError("stage 'experts' starts from a folder with a LoRA adapter, but init_from has none (train stage 'lora' first).")
+    user_ids, vectors = train_user_vectors(model, train_rows)
+    clusters = fit_user_clusters(vectors, model_args.num_clusters, method=model_args.cluster_method, seed=seed)
+    num_layers = model.config.text_config.num_hidden_layers
+    expert_layers = model_args.expert_layers or list(range(max(0, num_layers - 8), num_layers))
+    model.config.train_general_expert = model_args.train_general_expert
+    model.add_experts(clusters.scaler_mean, clusters.scaler_scale, clusters.centroids, expert_layers=expert_layers,
+                      routing_rule=model_args.routing_rule)
+    summary = {**clusters.summary(), "expert_layers": model.config.expert_layers, "routing_rule": model.config.routing_rule}
+    logger.info("experts: %d user clusters (%s, silhouette %s), sizes %s, layers %s, routing %s", clusters.num_clusters,
+                clusters.method, summary.get("silhouette"), summary.get("users_per_cluster"), model.config.expert_layers,
+                model.config.routing_rule)
+    if PartialState().is_main_process:
+        write_json(summary, Path(output_dir) / "user_clusters.json")
+        assignment = pd.DataFrame({"UserID": user_ids, "cluster": clusters.labels.astype(np.int64)})
+        atomic_write(Path(output_dir) / "user_clusters.parquet", lambda temp: assignment.to_parquet(temp, index=False))
 
 
 def check_records_fit(config: ThinkRecConfig, metadata: dict) -> None:
@@ -321,6 +369,16 @@ def check_records_fit(config: ThinkRecConfig, metadata: dict) -> None:
             "records do not fit the model's collaborative tables: " + "; ".join(problems)
             + ". Train the collaborative model on the same prepared records."
         )
+
+
+def default_template(stage: str, init_from: Optional[str], reason: bool = False) -> str:
+    """The stage's prompt template; the experts stage keeps the kind its starting model was trained
+    with: text-only from a stage-1 folder (no CF tables), with id slots from a stage-2 one."""
+    if stage != "experts":
+        return (STAGE_REASON_TEMPLATES if reason else STAGE_TEMPLATES)[stage]
+    config = json.loads((Path(init_from) / "config.json").read_text(encoding="utf-8"))
+    stage_of_init = "lora" if config.get("cf_model_type", "none") == "none" else "projector"
+    return (STAGE_REASON_TEMPLATES if reason else STAGE_TEMPLATES)[stage_of_init]
 
 
 def check_template(template: str, model: ThinkRecForCausalLM, stage: str) -> None:
@@ -380,10 +438,22 @@ def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], 
             user_slot_ids=batch["user_slot_ids"],
             item_slot_ids=batch["item_slot_ids"],
             history_item_ids=batch["history_item_ids"],
+            user_ids=batch["user_ids"],
             max_new_tokens=max_new_tokens,
         )
         texts += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts
+
+
+def route_rows(model, tokenizer, collator_kwargs: dict, rows: datasets.Dataset, batch_size: int) -> np.ndarray:
+    """Routing weights [rows, G + 1] of every row, as the model applies them in its forward."""
+    collator = ThinkRecCollator(tokenizer, include_answers=False, **collator_kwargs)
+    weights = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            weights.append(model.route(batch["user_ids"].to(model.device), batch["history_item_ids"].to(model.device)).float().cpu().numpy())
+    return np.concatenate(weights) if weights else np.zeros((0, model.config.num_experts + 1))
 
 
 def _json_safe(metrics: dict) -> dict:
@@ -429,6 +499,15 @@ def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, tr
                   f"P(Yes)={predictions['score'][index]:.3f}] {text[:200]}")
         with open(out / "generation_settings.json", "w", encoding="utf-8") as handle:
             json.dump({**model.generation_config.to_dict(), "max_new_tokens": data_args.max_new_tokens}, handle, indent=2)
+    if model.has_experts:
+        weights = route_rows(model, tokenizer, collator_kwargs, test, training_args.per_device_eval_batch_size)
+        # Which expert served each row: the cluster index, or G for the general expert.
+        predictions["expert"] = weights.argmax(-1)
+        predictions["routing_weights"] = list(weights)
+        served = np.bincount(predictions["expert"], minlength=weights.shape[1])
+        metrics["routing_rule"] = model.config.routing_rule
+        metrics["rows_per_expert"] = served.tolist()
+        logger.info("routing %s: rows per expert (clusters..., general) %s", model.config.routing_rule, served.tolist())
     predictions.to_parquet(out / "test_predictions.parquet", index=False)
     result = {"test": _json_safe(metrics)}
     if cf_metrics is not None:
@@ -455,10 +534,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     push_requested, training_args.push_to_hub = training_args.push_to_hub, False
 
     splits, metadata = load_splits(data_args, training_args.seed)
-    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata)
-    template = data_args.template or STAGE_TEMPLATES[training_args.stage]
+    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"])
+    template = data_args.template or default_template(training_args.stage, model_args.init_from)
     check_template(template, model, training_args.stage)
-    reason_template = data_args.reason_template or STAGE_REASON_TEMPLATES[training_args.stage]
+    reason_template = data_args.reason_template or default_template(training_args.stage, model_args.init_from, reason=True)
     check_template(reason_template, model, training_args.stage)
     collator_kwargs = {
         "template": template,

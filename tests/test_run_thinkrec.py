@@ -283,3 +283,49 @@ def test_qlora_4bit_backbone_trains(assets, tmp_path):
     args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), load_in_4bit=True, max_steps=2)
     results = run(tmp_path, args)
     assert results["train"]["train_loss"] > 0
+
+
+def test_experts_stage_trains_all_experts_in_one_run_and_reloads_to_the_same_scores(stage1, assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_collator import ThinkRecCollator
+    from experts_thinkrec import ExpertLoraLinear
+    from modeling_thinkrec import ThinkRecForCausalLM
+
+    stage1_dir, _ = stage1
+    args = arguments(assets, tmp_path / "out", init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]), stage="experts",
+                     num_clusters=2, routing_rule="soft", do_predict=True)
+    results = run(tmp_path, args)
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == 2 and config["routing_rule"] == "soft" and config["expert_layers"] == [0, 1]
+    summary = json.loads((out / "user_clusters.json").read_text())
+    assert summary["num_clusters"] == 2 and sum(summary["users_per_cluster"]) == assets["metadata"]["num_users"] - 1
+    assert (out / "experts_thinkrec.py").is_file()
+    predictions = pd.read_parquet(out / "test_predictions.parquet")
+    assert set(predictions["expert"]) <= {0, 1} and len(predictions["routing_weights"][0]) == 3
+    assert results["test"]["routing_rule"] == "soft"
+    # Trained: the expert slices moved away from the stage-1 LoRA they were copied from.
+    before, after = load_file(stage1_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    expert_keys = [key for key in after if key.endswith(".lora_B") and "layers.1." in key]
+    assert expert_keys
+    shared = before[expert_keys[0].replace(".lora_B", ".lora_B.default.weight")]
+    assert not torch.equal(after[expert_keys[0]][:, : shared.shape[1]], shared)
+    # The saved folder reloads to the scores in the predictions file.
+    model = ThinkRecForCausalLM.from_pretrained(out).eval()
+    assert sum(isinstance(m, ExpertLoraLinear) for m in model.modules()) == 4
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    test = load_prepared(assets["records"]).splits["test"].to_dict("records")[:6]
+    scores = model.score(**ThinkRecCollator(tokenizer, template="text_only")(test))
+    np.testing.assert_allclose(scores.numpy(), predictions["score"].to_numpy()[:6], rtol=1e-4, atol=1e-5)
+
+
+def test_experts_stage_refuses_a_start_without_lora_or_init_from(assets, tmp_path):
+    with pytest.raises(ValueError, match="set init_from"):
+        run(tmp_path, arguments(assets, tmp_path / "a", stage="experts", cf_checkpoint=str(assets["mf"]),
+                                model_name_or_path=str(assets["backbone"])))
+    projector_only = tmp_path / "projector_only"
+    run(tmp_path, arguments(assets, projector_only, stage="projector", cf_checkpoint=str(assets["mf"]),
+                            model_name_or_path=str(assets["backbone"]), max_steps=1), name="p.json")
+    with pytest.raises(ValueError, match="has none \\(train stage 'lora' first\\)"):
+        run(tmp_path, arguments(assets, tmp_path / "b", stage="experts", init_from=str(projector_only), num_clusters=2))

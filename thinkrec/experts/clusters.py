@@ -16,6 +16,8 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
+from thinkrec.utils.errors import InputError
+
 
 CLUSTER_METHODS = ("kmeans", "ward")
 
@@ -66,28 +68,28 @@ def fit_user_clusters(
     """Standardise `vectors` [N, d] and cluster them into `num_clusters` groups (None: best silhouette in 2..max)."""
     x = np.asarray(vectors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"user vectors must be a non-empty [users, dim] array, found shape {x.shape}")
+        raise InputError(f"user vectors must be a non-empty [users, dim] array, found shape {x.shape}")
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(
+        raise InputError(
             f"user vectors have non-finite values: row {bad[0]} (first of {bad.size} bad rows); "
             "drop users without a CF vector before clustering"
         )
     if method not in CLUSTER_METHODS:
-        raise ValueError(f"unknown clustering method {method!r}; expected one of {CLUSTER_METHODS}")
+        raise InputError(f"unknown clustering method {method!r}; expected one of {CLUSTER_METHODS}")
     num_users = x.shape[0]
     if num_clusters is not None:
         if num_clusters < 2:
-            raise ValueError(f"need at least 2 user clusters, found num_clusters={num_clusters}")
+            raise InputError(f"need at least 2 user clusters, found num_clusters={num_clusters}")
         if num_users < num_clusters:
-            raise ValueError(f"cannot make {num_clusters} clusters from {num_users} users: more clusters than users")
+            raise InputError(f"cannot make {num_clusters} clusters from {num_users} users: more clusters than users")
     else:
         if max_clusters < 2:
-            raise ValueError(f"need at least 2 user clusters, found max_clusters={max_clusters}")
+            raise InputError(f"need at least 2 user clusters, found max_clusters={max_clusters}")
         # Silhouette needs at least one cluster with two users, hence k <= N - 1.
         if num_users < 3:
-            raise ValueError(f"choosing k by silhouette needs at least 3 users, found {num_users}")
+            raise InputError(f"choosing k by silhouette needs at least 3 users, found {num_users}")
 
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
@@ -107,7 +109,7 @@ def fit_user_clusters(
             labels = cluster(z, num_clusters)
     sizes = np.bincount(labels, minlength=num_clusters)
     if (sizes == 0).any():
-        raise ValueError(
+        raise InputError(
             f"{method} left {(sizes == 0).sum()} of {num_clusters} clusters empty: the {num_users} user vectors "
             "have fewer distinct values than clusters; ask for fewer clusters"
         )
@@ -153,3 +155,46 @@ def _silhouette(z: np.ndarray, labels: np.ndarray, seed: int) -> float:
         return float("nan")
     sample = SILHOUETTE_SAMPLE if z.shape[0] > SILHOUETTE_SAMPLE else None
     return float(silhouette_score(z, labels, sample_size=sample, random_state=seed))
+
+
+def train_user_vectors(model, train_rows) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids [N], CF vectors [N, d]) of the users in `train_rows` (a DataFrame or `datasets.Dataset`
+    of records), read from `model`'s frozen CF tables: the user table row for MF / LightGCN, the
+    SASRec encoding of the user's last liked history for SASRec (as the model routes them)."""
+    import torch
+
+    if getattr(model.config, "cf_model_type", "none") == "none":
+        raise InputError("user clusters need CF user vectors, but the model has no CF tables (cf_model_type 'none').")
+    user_ids = np.asarray(train_rows["UserID"], dtype=np.int64)
+    if user_ids.size == 0:
+        raise InputError("user clusters need training rows, but the train split is empty.")
+    # The last row of each user (the split is in time order) carries the user's latest history.
+    order = np.arange(len(user_ids))
+    last_row = {int(user): int(row) for user, row in zip(user_ids, order)}
+    users = np.array(sorted(last_row), dtype=np.int64)
+    with torch.no_grad():
+        if model.config.cf_model_type != "sasrec":
+            if users.min() < 1 or users.max() >= model.config.num_users:
+                bad = users[(users < 1) | (users >= model.config.num_users)][0]
+                raise InputError(f"UserID {bad} has no row in the CF user table (ids 1..{model.config.num_users - 1}).")
+            table = model.user_table.weight.detach().float().cpu().numpy()
+            return users, table[users]
+        histories = train_rows["HisItemIDs"]
+        labels = train_rows["HisItemLabels"] if "HisItemLabels" in getattr(train_rows, "columns", getattr(train_rows, "column_names", [])) else None
+        sequences = []
+        for user in users:
+            row = last_row[int(user)]
+            items = list(histories[row])
+            if labels is not None and labels[row] is not None and len(labels[row]):
+                items = [item for item, label in zip(items, labels[row]) if label == 1]
+            sequences.append(items)
+        length = max(1, max(len(items) for items in sequences))
+        padded = np.zeros((len(sequences), length), dtype=np.int64)
+        for index, items in enumerate(sequences):
+            if items:
+                padded[index, length - len(items):] = items
+        encoder = model.sequence_encoder
+        device = next(encoder.parameters()).device
+        vectors = [encoder.encode(torch.from_numpy(padded[start:start + 1024]).to(device)).float().cpu().numpy()
+                   for start in range(0, len(padded), 1024)]
+    return users, np.concatenate(vectors)
