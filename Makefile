@@ -23,7 +23,8 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # The quickstart runs on the bundled assets only (no Hub access needed): ML-100K records -> MF ->
-# stage 1 (text-only LoRA) -> stage 2 (MF projector) on SmolLM2-135M-Instruct, a few hundred rows.
+# stage 1 (text-only LoRA) -> stage 2 (MF projector) -> stage 3 (user-cluster LoRA experts) on
+# SmolLM2-135M-Instruct, a few hundred rows.
 ACCELERATE_CONFIG ?= $$($(BIN)/python -c 'import torch; print("accelerate_configs/" + ("single_device" if torch.cuda.is_available() else "cpu") + ".yaml")')
 RUN := HF_HUB_OFFLINE=1
 
@@ -32,6 +33,7 @@ quickstart: install
 	$(RUN) $(BIN)/python train_collaborative.py examples/quickstart/mf.json
 	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage1_lora.json
 	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
+	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage3_experts.json
 
 # The reflection loop on the same bundled assets: stage 1 -> reflect (synthesised reasons for the
 # mispredicted train rows) -> stage 1 with the reasons mixed in -> generated reasons judged.

@@ -148,7 +148,7 @@ def main():
             model(input_ids=input_ids[index * batch_size:(index + 1) * batch_size], logits_to_keep=1)
 
     results["mixture"] = rows / timed(mixture, batches, args.repeats, device)
-    del model, state
+    model = state = None  # frees the first backbone (the closures above hold only these names)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
