@@ -45,6 +45,7 @@ from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
 from data_collator import ThinkRecCollator, load_templates
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
 from thinkrec.collaborative.models import load_cf_checkpoint
+from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import load_prepared
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
@@ -55,7 +56,7 @@ from thinkrec.utils.arguments import run_command
 from thinkrec.utils.dtypes import DTYPES, resolve_dtype
 from thinkrec.utils.errors import InputError, MissingInputError
 from thinkrec.utils.files import atomic_write, write_json
-from thinkrec.utils.subsets import seeded_subset
+from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
 
 
 logger = logging.getLogger("run_thinkrec")
@@ -148,8 +149,12 @@ class DataArguments:
     )
     use_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the train split."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the validation split."})
-    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Seeded random subset of the test split."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Validation on at most this many rows: all rows of a seeded random set of users (UAUC needs whole users)."}
+    )
+    max_test_samples: Optional[int] = field(
+        default=None, metadata={"help": "Test on at most this many rows: all rows of a seeded random set of users (UAUC needs whole users)."}
+    )
     generate_reasons_for: int = field(
         default=0, metadata={"help": "At predict time, generate the verdict and reason text for the first N test rows."}
     )
@@ -220,13 +225,16 @@ def load_reason_rows(path: str) -> datasets.Dataset:
 
 
 def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
+    """The three splits as `Dataset`s (evaluation subsets keep whole users) and the records' metadata."""
     records = load_prepared(data_args.records_dir)
+    item_nouns_from_metadata(records.metadata, data_args.records_dir)  # stop before loading a model, not after
     splits = {}
     for name, size in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples), ("test", data_args.max_test_samples)):
-        dataset = datasets.Dataset.from_pandas(records.splits[name], preserve_index=False)
-        if len(dataset) == 0:
+        frame = records.splits[name]
+        if len(frame) == 0:
             raise InputError(f"{data_args.records_dir}: the {name} split is empty.")
-        splits[name] = seeded_subset(dataset, size, seed)
+        frame = seeded_subset(frame, size, seed) if name == "train" else seeded_user_subset(frame, size, seed)
+        splits[name] = datasets.Dataset.from_pandas(frame, preserve_index=False)
     return splits, records.metadata
 
 
@@ -323,6 +331,10 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
         )
     if stage == "experts" and not model.has_experts:
         add_user_cluster_experts(model, model_args, train_rows, training_args.output_dir, training_args.seed)
+    elif model.has_experts and model_args.routing_rule != model.config.routing_rule:
+        # Routing is configuration: a model with experts can be evaluated (or trained on) under another rule.
+        logger.info("routing rule %s (the checkpoint was saved with %s)", model_args.routing_rule, model.config.routing_rule)
+        model.config.routing_rule = model_args.routing_rule
     for name in LOSS_WEIGHTS:
         if getattr(training_args, name) is not None:
             setattr(model.config, name, getattr(training_args, name))
@@ -547,6 +559,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "use_chat_template": data_args.use_chat_template,
         "tokens_per_id": model.config.tokens_per_id,
         "seed": training_args.seed,
+        **item_nouns_from_metadata(metadata, data_args.records_dir),
     }
     collator = ThinkRecCollator(tokenizer, **collator_kwargs)
 

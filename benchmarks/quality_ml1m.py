@@ -2,10 +2,14 @@
 """Does the LLM recommender beat the collaborative model it reads? ML-1M (CoLLM split).
 
 Rows: MF alone, text-only LoRA (stage 1, TALLRec-style), stage 1 + projector (stage 2,
-CoLLM-style); AUC / UAUC / warm / cold AUC on the same test rows.
+CoLLM-style), and with --experts stage 2 + user-cluster LoRA experts (stage 3, ThinkRec-style) for
+2 and 5 clusters, trained with hard routing (each row trains its cluster's expert, as published, and
+the general expert) and evaluated under hard and soft routing; AUC / UAUC / warm / cold AUC on the
+same test rows. A stage whose folder already holds results for the same arguments is reused.
 
     python benchmarks/quality_ml1m.py                    # --preset cpu: seeded subsets, ~75 min on 2 idle cores
     python benchmarks/quality_ml1m.py --preset gpu       # the full protocol (all rows, bf16, eval + best checkpoint)
+    python benchmarks/quality_ml1m.py --experts          # + stage 3 with 2 and 5 clusters, hard and soft routing
 
 Presets (same script, only sizes and precision differ):
   cpu: train on a fixed seeded subset of the train split per stage, evaluate on a fixed seeded
@@ -14,7 +18,7 @@ Presets (same script, only sizes and precision differ):
 
 MF comes from train_collaborative.py with the reproduction settings (trained here unless
 --mf_checkpoint is given). Last line: one JSON object
-{"train_rows", "test_rows", "mf": {"auc", "uauc", ...}, "stage1": {...}, "stage2": {...}}.
+{"train_rows", "test_rows", "mf": {"auc", "uauc", ...}, "stage1": {...}, "stage2": {...}, "experts_k2_hard": {...}, ...}.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from configuration_thinkrec import SCORE_TYPES
+from thinkrec.utils.subsets import metric_cell
 
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
@@ -99,6 +104,10 @@ def run_stage(name: str, settings: dict, args, records: Path, output: Path, extr
         config.update(eval_steps=500, save_steps=500, load_best_model_at_end=True, save_total_limit=2, do_eval=True)
     path = output / f"{name}.json"
     output.mkdir(parents=True, exist_ok=True)
+    finished = output / name / "test_results.json"
+    if finished.is_file() and path.is_file() and json.loads(path.read_text()) == config:
+        print(f"{name}: reusing the finished run in {output / name}")
+        return json.loads(finished.read_text()), math.nan
     path.write_text(json.dumps(config, indent=2))
     start = time.perf_counter()
     results = run_thinkrec.main([str(path)])
@@ -116,6 +125,10 @@ def main() -> None:
     parser.add_argument("--test_rows", type=int, default=None, help="Override the preset's test subset size.")
     parser.add_argument("--score_type", choices=SCORE_TYPES, default=None,
                         help="Override the preset's score (stage 2 inherits stage 1's).")
+    parser.add_argument("--experts", action="store_true", help="Add stage 3 (user-cluster experts) rows.")
+    parser.add_argument("--expert_clusters", type=int, nargs="+", default=[2, 5], help="Cluster counts for --experts.")
+    parser.add_argument("--expert_train_rows", type=int, default=None,
+                        help="Train rows of the experts stage (default: the preset's train rows).")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
@@ -154,18 +167,34 @@ def main() -> None:
     summary = lambda m: {key: m.get(key) for key in ("auc", "uauc", "warm/auc", "cold/auc", "n_rows")}  # noqa: E731
     table = {"mf": summary(stage2["cf_alone"]), "stage1": summary(stage1["test"]), "stage2": summary(stage2["test"])}
     seconds = {"mf": None, "stage1": stage1_seconds, "stage2": stage2_seconds}
-
-    def cell(value):
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    names = {"mf": "MF alone", "stage1": "stage 1 (text-only LoRA)", "stage2": "stage 2 (+ MF projector)"}
+    if args.experts:
+        expert_settings = dict(settings, train_rows=args.expert_train_rows or settings["train_rows"])
+        for clusters in args.expert_clusters:
+            name = f"experts_k{clusters}"
+            trained, trained_seconds = run_stage(
+                f"stage3_{name}_hard", expert_settings, args, records, output,
+                {"stage": "experts", "init_from": str(output / "stage2_projector"), "num_clusters": clusters,
+                 "routing_rule": "hard"},
+            )
+            table[f"{name}_hard"], seconds[f"{name}_hard"] = summary(trained["test"]), trained_seconds
+            names[f"{name}_hard"] = f"stage 3, {clusters} clusters, hard"
+            # The same experts under soft routing: evaluation only.
+            soft, soft_seconds = run_stage(
+                f"stage3_{name}_soft", expert_settings, args, records, output,
+                {"stage": "experts", "init_from": str(output / f"stage3_{name}_hard"), "routing_rule": "soft", "do_train": False},
+            )
+            table[f"{name}_soft"], seconds[f"{name}_soft"] = summary(soft["test"]), soft_seconds
+            names[f"{name}_soft"] = f"stage 3, {clusters} clusters, soft"
+    cell = metric_cell
 
     print(f"\nML-1M CoLLM split, preset {args.preset}, backbone {args.backbone}: "
           f"{settings['train_rows'] or 'all'} train rows per stage, {int(table['mf']['n_rows'])} test rows")
-    print(f"{'model':<28}{'AUC':>8}{'UAUC':>8}{'warm AUC':>10}{'cold AUC':>10}{'seconds':>10}")
-    names = {"mf": "MF alone", "stage1": "stage 1 (text-only LoRA)", "stage2": "stage 2 (+ MF projector)"}
+    print(f"{'model':<34}{'AUC':>8}{'UAUC':>8}{'warm AUC':>10}{'cold AUC':>10}{'seconds':>10}")
     for key, label in names.items():
         row = table[key]
-        print(f"{label:<28}{cell(row['auc']):>8}{cell(row['uauc']):>8}{cell(row['warm/auc']):>10}{cell(row['cold/auc']):>10}"
-              f"{(f'{seconds[key]:.0f}' if seconds[key] else '-'):>10}")
+        print(f"{label:<34}{cell(row['auc']):>8}{cell(row['uauc']):>8}{cell(row['warm/auc']):>10}{cell(row['cold/auc']):>10}"
+              f"{(f'{seconds[key]:.0f}' if seconds[key] and not math.isnan(seconds[key]) else '-'):>10}")
     gain = table["stage2"]["auc"] - table["mf"]["auc"]
     print(f"stage 2 - MF alone: {gain:+.4f} AUC (aim: >= +0.02)")
     print(json.dumps({
