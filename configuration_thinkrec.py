@@ -52,6 +52,12 @@ class ThinkRecConfig(PreTrainedConfig):
             the row's CF user vector at every forward.
         train_general_expert (`bool`): in training, every row also passes through the general expert
             alone (the batch is doubled), so the general expert sees every row.
+        base_model_name_or_path (`str`, *optional*): Hub id or path of the frozen backbone. When set,
+            `save_pretrained` writes only what the base does not hold (`thinkrec_weights.safetensors`:
+            LoRA / experts, projector, CF tables, router, the added slot-token rows) and
+            `from_pretrained` rebuilds the base from this reference.
+        base_model_revision (`str`, *optional*): revision of that backbone on the Hub.
+        base_vocab_size (`int`, *optional*): the backbone's vocabulary size before the slot tokens were added.
         routing_temperature (`float`): temperature of `softmax(cos(u, centroids) / T)` (0.1).
         routing_confidence_base / routing_confidence_scale (`float`): a single expert is used when
             `max w > base + scale / n` (0.5, 0.6).
@@ -104,6 +110,9 @@ class ThinkRecConfig(PreTrainedConfig):
     expert_layers: list[int] | None = None
     routing_rule: str = "thinkrec"
     train_general_expert: bool = True
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    base_vocab_size: int | None = None
     routing_temperature: float = 0.1
     routing_confidence_base: float = 0.5
     routing_confidence_scale: float = 0.6

@@ -11,32 +11,56 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from modeling_thinkrec import IGNORE_INDEX
-from thinkrec.utils.errors import MissingInputError
+from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns
+from thinkrec.utils.errors import InputError, MissingInputError
 
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 MODES = {"rec": 0, "reason": 1}
 
-PLACEHOLDERS = ("<UserID>", "<ItemTitleList>", "<HisItemList>", "<TargetItemTitle>", "<TargetItemID>")
+# <ItemTitleList> and <HisItemList> are the published names of the liked history (CoLLM histories hold
+# liked items only); <DislikedItemTitleList> needs HisItemLabels. Text between <IfDisliked> and
+# </IfDisliked> is kept only when the shown history holds a disliked item.
+LIKED_LISTS = ("<LikedItemTitleList>", "<ItemTitleList>", "<HisItemList>")
+DISLIKED_LIST = "<DislikedItemTitleList>"
+NOUNS = {"<ItemNoun>": "item_noun", "<ItemNounPlural>": "item_noun_plural"}
+IF_DISLIKED, END_IF_DISLIKED = "<IfDisliked>", "</IfDisliked>"
+PLACEHOLDERS = ("<UserID>", *LIKED_LISTS, DISLIKED_LIST, *NOUNS, "<TargetItemTitle>", "<TargetItemID>", IF_DISLIKED, END_IF_DISLIKED)
 _PLACEHOLDER_PATTERN = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
+_IF_DISLIKED_BLOCK = re.compile(re.escape(IF_DISLIKED) + ".*?" + re.escape(END_IF_DISLIKED), re.DOTALL)
 REQUIRED_FIELDS = ("UserID", "HisItemIDs", "HisItemTitles", "TargetItemID", "TargetItemTitle", "label", "mode")
 
 
-def load_templates(template: str) -> list[str]:
-    """Templates from a file, one per line (`\\n` written literally); `template` is a file path or the
-    name of a file in `templates/` ("text_only", "collaborative", "reflection")."""
+def read_template_lines(template: str) -> list[tuple[str, str]]:
+    """(origin, text) of every template in a file, one per line (`\\n` written literally); `origin` is
+    "<path> line <n>". `template` is a file path or the name of a file in `templates/`."""
     path = template if os.path.isfile(template) else os.path.join(TEMPLATE_DIR, f"{template}.txt")
     if not os.path.isfile(path):
         names = sorted(name[:-4] for name in os.listdir(TEMPLATE_DIR) if name.endswith(".txt"))
         raise MissingInputError(f"prompt template {template!r}: no such file, and not one of {names} in {TEMPLATE_DIR}.")
     with open(path, encoding="utf-8") as handle:
-        templates = [line.rstrip("\n").replace("\\n", "\n") for line in handle if line.strip()]
+        lines = [(f"{path} line {number}", line.rstrip("\n").replace("\\n", "\n")) for number, line in enumerate(handle, start=1)]
+    templates = [(origin, text) for origin, text in lines if text.strip()]
     if not templates:
         raise ValueError(f"{path}: no templates (expected one per line).")
-    for number, text in enumerate(templates, start=1):
+    for origin, text in templates:
         if "<TargetItemTitle>" not in text and "<TargetItemID>" not in text:
-            raise ValueError(f"{path} line {number}: a template must name the target (<TargetItemTitle> or <TargetItemID>).")
+            raise ValueError(f"{origin}: a template must name the target (<TargetItemTitle> or <TargetItemID>).")
+        markers = [piece for piece in _PLACEHOLDER_PATTERN.findall(text) if piece in (IF_DISLIKED, END_IF_DISLIKED)]
+        if markers != [IF_DISLIKED, END_IF_DISLIKED] * (len(markers) // 2):
+            raise InputError(f"{origin}: every {IF_DISLIKED} needs its own {END_IF_DISLIKED} after it (no nesting), found {markers}.")
     return templates
+
+
+def load_templates(template: str) -> list[str]:
+    """Templates from a file, one per line (`\\n` written literally); `template` is a file path or the
+    name of a file in `templates/` ("text_only", "collaborative", "reflection")."""
+    return [text for _, text in read_template_lines(template)]
+
+
+def asks_for_disliked_titles(template: str) -> bool:
+    """Whether a template needs disliked titles whatever the history (outside an <IfDisliked> block)."""
+    return DISLIKED_LIST in _IF_DISLIKED_BLOCK.sub("", template)
 
 
 @dataclass
@@ -55,13 +79,20 @@ class ThinkRecCollator:
         reason_template: the template of `mode="reason"` rows, whose answer is a verdict and an explanation
             (e.g. "reflection", or "reflection_text_only" for text-only models); None = `template` for all rows.
             Recommendation prompts ask for one word, so reasoning rows need a prompt that asks for the reason.
-        history_item_slots: put an item id slot after every history title.
+        history_item_slots: put an item id slot after every history title (liked and disliked lists alike).
         max_prompt_tokens: token budget of a prompt (None = no limit).
         use_chat_template: wrap the question as a user turn of the tokenizer's chat template (instruct LMs).
         system_prompt: system turn for the chat template (None keeps the template's default).
         include_answers: False gives prompt-only batches (scoring, generation): no answers, no `labels`.
         tokens_per_id: slot tokens per id (the model's `config.tokens_per_id`).
         seed: picks among several templates in a file.
+        item_noun, item_noun_plural: what the items are ("game"/"games"), for the templates' <ItemNoun> and
+            <ItemNounPlural>; prepared records name theirs in metadata.json (`thinkrec.data.nouns`).
+
+    Templates: <ItemTitleList> (or <LikedItemTitleList>, <HisItemList>) lists the liked history titles (all
+    of them when records carry no `HisItemLabels`), <DislikedItemTitleList> the disliked ones; text between
+    <IfDisliked> and </IfDisliked> appears only when the shown history holds a disliked item, so a
+    positives-only history renders as in the published prompts.
 
     Outputs (`torch.Tensor`s): `input_ids`, `attention_mask` [B, T]; `labels` [B, T] (answers only);
     `mode` [B] (0 rec / 1 reason); `target_labels` [B] float; `user_ids`, `item_ids` [B] (for UAUC);
@@ -116,12 +147,20 @@ class ThinkRecCollator:
     item_slot_token: str = "<|item_slot|>"
     empty_history_text: str = "none"
     seed: int = 0
+    item_noun: str = DEFAULT_ITEM_NOUN
+    item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL
     templates: list[str] = field(init=False, repr=False)
     reason_templates: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.templates = load_templates(self.template)
-        self.reason_templates = load_templates(self.reason_template) if self.reason_template else self.templates
+        lines = read_template_lines(self.template)
+        reason_lines = read_template_lines(self.reason_template) if self.reason_template else lines
+        self.templates = [text for _, text in lines]
+        self.reason_templates = [text for _, text in reason_lines]
+        self._origins = {text: origin for origin, text in reason_lines + lines}
+        for origin, text in lines + reason_lines:
+            if any(noun in text for noun in NOUNS):
+                check_item_nouns(self.item_noun, self.item_noun_plural, f"{origin} (<ItemNoun>/<ItemNounPlural>)")
         self._random = random.Random(self.seed)
         vocab = self.tokenizer.get_vocab()
         for token in (self.user_slot_token, self.item_slot_token):
@@ -147,22 +186,29 @@ class ThinkRecCollator:
         user_slot = self.user_slot_token * self.tokens_per_id
         item_slot = self.item_slot_token * self.tokens_per_id
         start = len(record["HisItemIDs"]) - num_history
-        history_ids = list(record["HisItemIDs"])[start:]
-        history_titles = list(record["HisItemTitles"])[start:]
-        pieces = []
+        history = list(zip(record["HisItemIDs"], record["HisItemTitles"], _history_labels(record)))[start:]
+        liked = [(item_id, title) for item_id, title, label in history if label == 1]
+        disliked = [(item_id, title) for item_id, title, label in history if label == 0]
+        pieces, skipping = [], False
         for piece in _PLACEHOLDER_PATTERN.split(template):
-            if piece == "<UserID>":
+            if piece in (IF_DISLIKED, END_IF_DISLIKED):
+                skipping = piece == IF_DISLIKED and not disliked
+            elif skipping:
+                continue
+            elif piece == "<UserID>":
                 pieces.append(user_slot)
                 user_ids.append(int(record["UserID"]))
-            elif piece in ("<ItemTitleList>", "<HisItemList>"):
+            elif piece in LIKED_LISTS or piece == DISLIKED_LIST:
                 titles = []
-                for item_id, title in zip(history_ids, history_titles):
+                for item_id, title in liked if piece in LIKED_LISTS else disliked:
                     if self.history_item_slots:
                         titles.append(f'"{title}" {item_slot}')
                         item_ids.append(int(item_id))
                     else:
                         titles.append(f'"{title}"')
                 pieces.append(", ".join(titles) if titles else self.empty_history_text)
+            elif piece in NOUNS:
+                pieces.append(getattr(self, NOUNS[piece]))
             elif piece == "<TargetItemTitle>":
                 pieces.append(f'"{record["TargetItemTitle"]}"')
             elif piece == "<TargetItemID>":
@@ -186,6 +232,12 @@ class ThinkRecCollator:
         """Token ids of the prompt, shortened oldest history item first to `max_prompt_tokens`."""
         templates = self.reason_templates if record["mode"] == "reason" else self.templates
         template = templates[0] if len(templates) == 1 else self._random.choice(templates)
+        if record.get("HisItemLabels") is None and asks_for_disliked_titles(template):
+            raise InputError(
+                f"{self._origins[template]}: the template asks for disliked titles ({DISLIKED_LIST}) but row {row} has no "
+                f"HisItemLabels; prepare the records with history_mode='all', or put the disliked titles inside "
+                f"{IF_DISLIKED}...{END_IF_DISLIKED} so that label-free histories leave them out."
+            )
         num_history = len(record["HisItemIDs"])
         while True:
             text, user_ids, item_ids = self.render_prompt(record, template, num_history)
@@ -223,6 +275,11 @@ class ThinkRecCollator:
             raise ValueError(
                 f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(record['HisItemTitles'])} HisItemTitles."
             )
+        labels = record.get("HisItemLabels")
+        if labels is not None and len(labels) != len(record["HisItemIDs"]):
+            raise InputError(f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(labels)} HisItemLabels.")
+        if labels is not None and any(int(label) not in (0, 1) for label in labels):
+            raise InputError(f"row {row}: HisItemLabels must be 0 or 1, found {list(labels)}.")
 
     # ---------------------------------------------------------------------------------- batches
 
@@ -265,12 +322,15 @@ class ThinkRecCollator:
         return batch
 
 
+def _history_labels(record: dict) -> list[int]:
+    """Labels of the history items; a history without `HisItemLabels` holds liked items only (CoLLM)."""
+    labels = record.get("HisItemLabels")
+    return [1] * len(record["HisItemIDs"]) if labels is None else [int(label) for label in labels]
+
+
 def _liked_history(record: dict) -> list[int]:
     """History items SASRec encodes: the liked ones (ThinkRec-style histories also hold dislikes)."""
-    labels = record.get("HisItemLabels")
-    if labels is None:
-        return [int(item_id) for item_id in record["HisItemIDs"]]
-    return [int(item_id) for item_id, label in zip(record["HisItemIDs"], labels) if int(label) == 1]
+    return [int(item_id) for item_id, label in zip(record["HisItemIDs"], _history_labels(record)) if label == 1]
 
 
 def _pad(rows: list[list[int]], left: bool) -> torch.Tensor:
@@ -280,4 +340,4 @@ def _pad(rows: list[list[int]], left: bool) -> torch.Tensor:
     return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
 
 
-__all__ = ["ThinkRecCollator", "load_templates"]
+__all__ = ["ThinkRecCollator", "asks_for_disliked_titles", "load_templates", "read_template_lines"]

@@ -2,27 +2,34 @@
 tokens, scores "Yes"/"No" without generating, mixes recommendation and reasoning losses per row,
 and generates reasons.
 
-Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM's `text_config`
-and `lora_config`), `model.safetensors` (LM weights, LoRA weights, projector, frozen CF tables and
-SASRec encoder: one self-contained file), `generation_config.json`, and the three code files
-(`configuration_thinkrec.py`, `modeling_thinkrec.py`, `sasrec_thinkrec.py`) for
-`trust_remote_code`. A LoRA adapter is stored *unmerged inside* `model.safetensors` (the LM's
-adapted layers keep PEFT's `base_layer` / `lora_A.default` names) and rebuilt from
-`config.lora_config` at load time, so stage 2 can keep training the projector on top of the stage-1
-adapter and a later stage can fine-tune that adapter. Save the tokenizer (with its slot tokens) into
-the same folder (`tokenizer.save_pretrained(dir)`; Trainer does this for its `processing_class`).
+Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM's `text_config`,
+`lora_config` and the reference to the frozen base, `base_model_name_or_path`),
+`thinkrec_weights.safetensors` (what the base does not hold: LoRA or experts, projector, frozen CF
+tables and SASRec encoder, router, and the embedding rows of the added slot tokens — megabytes, not
+the backbone), `generation_config.json`, and the code files (`configuration_thinkrec.py`,
+`modeling_thinkrec.py`, `sasrec_thinkrec.py`, `experts_thinkrec.py`) for `trust_remote_code`.
+`from_pretrained` loads the base from its reference (any precision, 4-bit included) and applies the
+saved parts. `save_pretrained(dir, full_weights=True)` writes one self-contained `model.safetensors`
+instead (also what a model built around an in-memory LM, with no base reference, writes). A LoRA
+adapter stays *unmerged* (PEFT's `base_layer` / `lora_A.default` names) and is rebuilt from
+`config.lora_config`, so stage 2 can keep training the projector on top of the stage-1 adapter. Save
+the tokenizer (with its slot tokens) into the same folder (Trainer does this for its
+`processing_class`).
 """
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import ModelOutput, cached_file
 
 
 # This file is imported two ways: as part of a checkpoint's remote code (a package made by
@@ -45,6 +52,14 @@ TRAINING_STAGES = ("lora", "projector", "joint", "experts")
 MODE_REC = 0
 MODE_REASON = 1
 IGNORE_INDEX = -100
+TRAINED_WEIGHTS_NAME = "thinkrec_weights.safetensors"
+# Keys of the added slot-token rows in that file (the rest of the embedding matrices is the base's).
+ADDED_INPUT_ROWS = "added_rows.input_embeddings"
+ADDED_OUTPUT_ROWS = "added_rows.output_embeddings"
+# from_pretrained arguments that go to the backbone's own from_pretrained.
+_BASE_LOAD_KWARGS = ("dtype", "torch_dtype", "quantization_config", "device_map", "attn_implementation", "low_cpu_mem_usage",
+                     "max_memory", "trust_remote_code")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 @dataclass
@@ -170,6 +185,8 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         or None for a text-only model) and set an explicit generation config."""
         user_slot_token = config_kwargs.get("user_slot_token", ThinkRecConfig.user_slot_token)
         item_slot_token = config_kwargs.get("item_slot_token", ThinkRecConfig.item_slot_token)
+        base_vocab_size = language_model.get_input_embeddings().num_embeddings
+        base_reference = language_model.config._name_or_path or None
         user_slot_token_id, item_slot_token_id = add_slot_tokens(tokenizer, user_slot_token, item_slot_token)
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -200,7 +217,9 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             item_slot_token_id=item_slot_token_id,
             yes_token_id=yes_token_id,
             no_token_id=no_token_id,
-            **{**cf_kwargs, **config_kwargs},
+            # An LM built in memory has no reference to rebuild it from: its checkpoints hold every weight.
+            # (A caller re-wrapping an already wrapped LM passes the original reference in config_kwargs.)
+            **{"base_model_name_or_path": base_reference, "base_vocab_size": base_vocab_size, **cf_kwargs, **config_kwargs},
         )
         model = cls(config, language_model=language_model)
         if cf_checkpoint is not None:
@@ -231,6 +250,124 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 )
             self.user_table.weight.copy_(cf_checkpoint.user_table)
         self._freeze_collaborative_modules()
+
+    # ------------------------------------------------------------------------------ save and load
+
+    def _is_base_weight(self, name: str) -> bool:
+        """True for a weight of the frozen backbone (everything under the LM except its adapters)."""
+        return name.startswith("language_model.") and "lora_" not in name
+
+    def trained_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds beyond the base: adapters, projector, CF tables, router, and the
+        embedding rows of the added tokens. `state_dict` (e.g. gathered by Trainer under ZeRO-3 / FSDP)
+        defaults to this model's."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        trained = {name: tensor for name, tensor in state_dict.items() if not self._is_base_weight(name)}
+        base_vocab = self.config.base_vocab_size
+        input_name = next(n for n, p in self.named_parameters() if p is self.get_input_embeddings().weight)
+        trained[ADDED_INPUT_ROWS] = state_dict[input_name][base_vocab:]
+        output = self.get_output_embeddings()
+        if output is not None and output.weight is not self.get_input_embeddings().weight:
+            output_name = next(n for n, p in self.named_parameters() if p is output.weight)
+            trained[ADDED_OUTPUT_ROWS] = state_dict[output_name][base_vocab:]
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in trained.items()}
+
+    def save_pretrained(self, save_directory, *args, full_weights: bool = False, state_dict: dict | None = None,
+                        is_main_process: bool = True, **kwargs):
+        """Write the checkpoint. By default only what the base does not hold, next to the reference to the
+        base (see the module docstring); `full_weights=True` writes every weight in one self-contained file."""
+        if full_weights or not self.config.base_model_name_or_path or self.config.base_vocab_size is None:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        unknown = set(kwargs) - {"safe_serialization", "max_shard_size", "save_peft_format"}
+        if args or unknown:
+            raise TypeError(f"save_pretrained of the small format takes no {sorted(unknown) or list(args)}; pass full_weights=True.")
+        trained = self.trained_state_dict(state_dict)
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        if self._auto_class is not None:
+            custom_object_save(self, save_directory, config=self.config)
+        self.config.save_pretrained(save_directory)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+        target = os.path.join(save_directory, TRAINED_WEIGHTS_NAME)
+        temporary = target + ".tmp"
+        save_file(trained, temporary, metadata={"format": "pt"})
+        os.replace(temporary, target)
+        # A full-weights file left by an earlier save would shadow the new weights for other loaders.
+        stale = os.path.join(save_directory, "model.safetensors")
+        if os.path.isfile(stale):
+            os.unlink(stale)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a checkpoint. A small one (`thinkrec_weights.safetensors`) rebuilds the base from
+        `config.base_model_name_or_path` (override it with `base_model_name_or_path=`) with the given
+        `dtype` / `quantization_config` / `device_map` / `attn_implementation` (a 4-bit base is loaded
+        4-bit again unless told otherwise), then applies the saved parts; a full one loads as usual."""
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        weights_file = cached_file(pretrained_model_name_or_path, TRAINED_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
+                                   **hub_kwargs)
+        if weights_file is None:
+            kwargs.pop("base_model_name_or_path", None)
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, ThinkRecConfig):
+            config = ThinkRecConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        base = kwargs.pop("base_model_name_or_path", None) or config.base_model_name_or_path
+        base_kwargs = {key: kwargs.pop(key) for key in _BASE_LOAD_KWARGS if key in kwargs}
+        if "torch_dtype" in base_kwargs:
+            base_kwargs["dtype"] = base_kwargs.pop("torch_dtype")
+        saved_quantization = getattr(config.text_config, "quantization_config", None)
+        if "quantization_config" not in base_kwargs and saved_quantization:
+            from transformers import BitsAndBytesConfig
+
+            base_kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(dict(saved_quantization))
+        language_model = AutoModelForCausalLM.from_pretrained(base, revision=config.base_model_revision, **base_kwargs)
+        found = language_model.get_input_embeddings().num_embeddings
+        if found != config.base_vocab_size:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} was trained on a base with {config.base_vocab_size} embedding rows, but {base} "
+                f"has {found}: not the same backbone (pass base_model_name_or_path= to point at the right one)."
+            )
+        language_model.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=False)
+        model = cls(config, language_model=language_model)
+        model.load_trained_weights(weights_file)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass  # no generation_config.json: keep the default
+        model.eval()
+        return model
+
+    @torch.no_grad()
+    def load_trained_weights(self, path: str) -> None:
+        """Apply a `thinkrec_weights.safetensors` file (or a folder holding one) to this model; the
+        frozen base weights are left as they are. Every trained part of the model must be in the file."""
+        if os.path.isdir(path):
+            path = os.path.join(path, TRAINED_WEIGHTS_NAME)
+        saved = load_file(path)
+        base_vocab = self.config.base_vocab_size
+        for key, embeddings in ((ADDED_INPUT_ROWS, self.get_input_embeddings()), (ADDED_OUTPUT_ROWS, self.get_output_embeddings())):
+            rows = saved.pop(key, None)
+            if rows is not None:
+                weight = embeddings.weight
+                if weight.shape[0] != base_vocab + rows.shape[0]:
+                    raise ValueError(f"{path}: {rows.shape[0]} added {key} rows do not fit a vocabulary of {weight.shape[0]} "
+                                     f"(base {base_vocab}).")
+                weight[base_vocab:] = rows.to(device=weight.device, dtype=weight.dtype)
+        own = {name for name in self.state_dict() if not self._is_base_weight(name)}
+        missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                             f"({len(missing)} / {len(unexpected)} in all).")
+        self.load_state_dict(saved, strict=False)
+        self._freeze_collaborative_modules()
+        device = self.get_input_embeddings().weight.device
+        for module in (self.projector, self.user_table, self.item_table, self.sequence_encoder, self.router):
+            if module is not None:
+                module.to(device)
 
     # ------------------------------------------------------------------------------ LoRA and stages
 

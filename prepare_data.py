@@ -29,6 +29,7 @@ from thinkrec.utils.errors import InputError
 logger = logging.getLogger("prepare_data")
 
 SOURCES = ("ml-100k", "recbole", "table", "collm")
+MOVIELENS_SOURCES = ("ml-100k", "collm")  # their items are movies unless item_noun says otherwise
 
 
 @dataclass
@@ -111,7 +112,8 @@ class OutputArguments:
 def build_records(source: SourceArguments, options: RecordOptions) -> PreparedRecords:
     """Read the configured source and turn it into records."""
     if source.source == "collm":
-        return records_from_collm(read_collm_splits(source.data_path, allow_pickle=source.allow_pickle), options.max_history)
+        presplit = read_collm_splits(source.data_path, allow_pickle=source.allow_pickle)
+        return records_from_collm(presplit, options.max_history, **options.item_nouns())
     if source.source == "ml-100k":
         log = read_ml100k()
     elif source.source == "recbole":
@@ -125,7 +127,13 @@ def build_records(source: SourceArguments, options: RecordOptions) -> PreparedRe
             item_file_format=source.item_file_format,
             genres_separator=source.genres_separator,
         )
-    return prepare_records(log, options)
+    if source.source in MOVIELENS_SOURCES or options.item_noun is not None:
+        return prepare_records(log, options)
+    # Any other data could be about anything: prompts that called its items movies would be silently wrong.
+    raise InputError(
+        f"source={source.source!r} ({source.data_path}): set item_noun and item_noun_plural, the words prompts and "
+        "reasons use for the items, e.g. --item_noun game --item_noun_plural games (or product / products)."
+    )
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[SourceArguments, RecordOptions, OutputArguments]:

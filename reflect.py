@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, set_seed
 
 from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
+from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import load_prepared
 from thinkrec.reasons.reflection import (
     THRESHOLD_METRICS,
@@ -121,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     collator = ThinkRecCollator(
         tokenizer, template=template, include_answers=False, history_item_slots=args.history_item_slots,
         max_prompt_tokens=args.max_prompt_tokens, use_chat_template=args.use_chat_template,
-        tokens_per_id=model.config.tokens_per_id, seed=args.seed,
+        tokens_per_id=model.config.tokens_per_id, seed=args.seed, **item_nouns_from_metadata(records.metadata, args.records_dir),
     )
     logger.info("scoring %d validation and %d train rows with %s (template %s)", len(validation), len(train), args.model_dir, template)
 

@@ -286,7 +286,8 @@ def with_collaborative_vectors(model: ThinkRecForCausalLM, tokenizer, cf_checkpo
     """A text-only ThinkRec model (stage 1) with frozen CF tables and a fresh projector, keeping its LM
     and LoRA adapter as they are."""
     config = model.config
-    kept = {name: getattr(config, name) for name in (*LOSS_WEIGHTS, "score_type", "tokens_per_id", "projector_width_multiplier")}
+    kept = {name: getattr(config, name) for name in (*LOSS_WEIGHTS, "score_type", "tokens_per_id", "projector_width_multiplier",
+                                                     "base_model_name_or_path", "base_model_revision", "base_vocab_size")}
     combined = ThinkRecForCausalLM.from_language_model(
         model.language_model, tokenizer, cf_checkpoint, generation_config=model.generation_config, **kept
     )

@@ -9,6 +9,7 @@ from _tiny_model import make_records, make_tokenizer
 
 import data_collator
 from data_collator import TEMPLATE_DIR, ThinkRecCollator, load_templates
+from thinkrec.utils.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +218,88 @@ def test_sasrec_history_keeps_only_liked_items(tokenizer):
               "HisItemLabels": [1, 0, 1], "TargetItemID": 7, "TargetItemTitle": "D (1993)", "label": 1,
               "mode": "rec", "reason": ""}
     assert collator([record])["history_item_ids"].tolist() == [[4, 6]]
+
+
+def _prompt_text(tokenizer, batch, row=0):
+    ids = batch["input_ids"][row][batch["attention_mask"][row] == 1]
+    return tokenizer.decode(ids)
+
+
+def labelled_record(labels=(1, 0, 1), **changes):
+    titles = ["A (1990)", "B (1991)", "C (1992)"]
+    record = {"UserID": 1, "HisItemIDs": [4, 5, 6], "HisItemTitles": titles, "HisItemLabels": list(labels),
+              "TargetItemID": 7, "TargetItemTitle": "D (1993)", "label": 1, "mode": "rec", "reason": ""}
+    return dict(record, **changes)
+
+
+@pytest.mark.parametrize("template", ["text_only", "collaborative", "reflection", "reflection_text_only"])
+def test_disliked_history_items_are_not_shown_as_liked(tokenizer, template):
+    """history_mode='all' histories: liked and disliked titles each under their own words."""
+    batch = ThinkRecCollator(tokenizer, template=template, include_answers=False)([labelled_record()])
+    text = _prompt_text(tokenizer, batch)
+    assert 'high ratings to the following movies: "A (1990)", "C (1992)". ' in text
+    assert 'low ratings to the following movies: "B (1991)". ' in text
+    assert text.count('"B (1991)"') == 1
+
+
+def test_liked_and_disliked_lists_carry_their_id_slots_in_order(tokenizer):
+    batch = ThinkRecCollator(tokenizer, template="collaborative", history_item_slots=True)([labelled_record()])
+    assert batch["item_slot_ids"][0].tolist() == [4, 6, 5, 7]  # liked, disliked, then the target
+    assert int((batch["input_ids"][0] == item_slot_id(tokenizer)).sum()) == 4
+    assert batch["history_item_ids"][0].tolist() == [4, 6]  # SASRec still reads liked items only
+
+
+def test_a_history_of_liked_items_renders_as_the_published_prompt(tokenizer):
+    liked = labelled_record(labels=(1, 1, 1))
+    unlabelled = {key: value for key, value in liked.items() if key != "HisItemLabels"}
+    for record in (liked, unlabelled):
+        text = _prompt_text(tokenizer, ThinkRecCollator(tokenizer, template="text_only", include_answers=False)([record]))
+        assert text.startswith('#Question: A user has given high ratings to the following movies: "A (1990)", "B (1991)", '
+                               '"C (1992)". Leverage the information to predict whether the user would enjoy the movie titled '
+                               '"D (1993)"?')
+    only_disliked = _prompt_text(tokenizer, ThinkRecCollator(tokenizer, template="text_only")([labelled_record(labels=(0, 0, 0))]))
+    assert "following movies: none. The user has given low ratings to the following movies:" in only_disliked
+
+
+def test_a_template_asking_for_disliked_titles_needs_labelled_histories(tokenizer, tmp_path):
+    custom = tmp_path / "liked_disliked.txt"
+    custom.write_text('Liked: <LikedItemTitleList>; disliked: <DislikedItemTitleList>. Would they like <TargetItemTitle>?\\n#Answer:\n'
+                      "\n"
+                      'Liked: <LikedItemTitleList>; disliked: <DislikedItemTitleList>. And <TargetItemTitle>?\\n#Answer:\n')
+    collator = ThinkRecCollator(tokenizer, template=str(custom), include_answers=False)
+    text = _prompt_text(tokenizer, collator([labelled_record(labels=(0, 1, 1))]))
+    assert 'Liked: "B (1991)", "C (1992)"; disliked: "A (1990)".' in text
+    unlabelled = {key: value for key, value in labelled_record().items() if key != "HisItemLabels"}
+    with pytest.raises(InputError, match=r"liked_disliked.txt line [13]: the template asks for disliked titles "
+                                         r"\(<DislikedItemTitleList>\) but row 1 has no HisItemLabels"):
+        collator([labelled_record(), unlabelled])
+
+
+def test_item_nouns_fill_the_templates(tokenizer):
+    collator = ThinkRecCollator(tokenizer, template="collaborative", reason_template="reflection", item_noun="game",
+                                item_noun_plural="games")
+    batch = collator([labelled_record(), labelled_record(mode="reason", reason="Yes. Fun.")])
+    for row in range(2):
+        text = _prompt_text(tokenizer, batch, row)
+        assert "following games:" in text and 'the game titled "D (1993)"' in text
+        assert "movie" not in text.lower()
+    for name in ("text_only", "collaborative", "reflection", "reflection_text_only"):
+        assert not any(word in load_templates(name)[0].lower() for word in ("movie", "film"))
+
+
+@pytest.mark.parametrize("nouns", [{"item_noun": None}, {"item_noun_plural": ""}])
+def test_a_template_naming_items_needs_the_item_noun(tokenizer, nouns):
+    with pytest.raises(InputError, match=r"templates/text_only.txt line 1 \(<ItemNoun>/<ItemNounPlural>\): item_noun"):
+        ThinkRecCollator(tokenizer, template="text_only", **nouns)
+
+
+def test_unbalanced_if_disliked_block_names_the_line(tmp_path):
+    custom = tmp_path / "broken.txt"
+    custom.write_text("Likes <ItemTitleList>.<IfDisliked> Dislikes <DislikedItemTitleList>. <TargetItemTitle>?\\n#Answer:\n")
+    with pytest.raises(InputError, match=r"broken.txt line 1: every <IfDisliked> needs its own </IfDisliked>"):
+        load_templates(str(custom))
+
+
+def test_history_labels_must_match_the_history(tokenizer):
+    with pytest.raises(InputError, match=r"row 0: 3 HisItemIDs but 2 HisItemLabels"):
+        ThinkRecCollator(tokenizer)([labelled_record(labels=(1, 0))])

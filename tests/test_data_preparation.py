@@ -1,5 +1,6 @@
 """Labels, splits, histories, negatives, cold flags and candidate pools."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from thinkrec.data.preparation import RecordOptions, build_histories, gather_ragged, prepare_records, records_from_collm
 from thinkrec.data.readers import DataFormatError, InteractionLog, read_collm_splits
+from thinkrec.utils.errors import InputError
 
 
 BENCHMARK_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml1m-collm"
@@ -91,6 +93,61 @@ def test_not_cold_uses_train_counts():
     assert flags[(1, 1)] == 1
     stricter = prepare_records(log, RecordOptions(split_timestamps=[3, 4], min_count=2))
     assert all(r["not_cold"] == 0 for r in rows_of(stricter.splits["test"]))
+
+
+def test_not_cold_counts_observed_train_rows_not_sampled_negatives():
+    # Items A, B, C, D; u1 saw A, B and D, so each of its train negatives is C, which nobody saw in train.
+    rows = [(f"u{u}", item, t, 0) for u in range(10) for item, t in (("A", u + 1), ("B", u + 20))]
+    rows += [("u0", "C", 100, 0), ("u1", "D", 60, 0)]
+    records = prepare_records(make_log(rows, feedback="implicit"), RecordOptions(split_timestamps=[50, 90], seed=0))
+    items = records.items.set_index("original_id")["ItemID"]
+    train = records.splits["train"].to_pandas()
+    assert (train.loc[train.label == 0, "TargetItemID"] == items["C"]).any(), "the fixture must draw C as a train negative"
+    test = records.splits["test"].to_pandas()
+    observed_c = test[(test.label == 1) & (test.TargetItemID == items["C"])]
+    assert observed_c["not_cold"].tolist() == [0], "C never occurs as an observed train row"
+    assert (train.loc[train.label == 1, "not_cold"] == 1).all()
+
+
+def test_popularity_negatives_count_train_rows_only():
+    # "future" is the most observed item, but only in the test period: train must not know it.
+    rows = [(f"u{u}", f"old{(u + step) % 10}", 10 * step + u, 0) for u in range(40) for step in range(3)]
+    rows += [(f"u{u}", "future", 1000 + u, 0) for u in range(40)]
+    rows += [(f"v{u}", f"old{(u + step) % 10}", 10 * step + u, 0) for u in range(20) for step in range(3)]
+    rows += [(f"v{u}", f"old{(u + 5) % 10}", 1000 + u, 0) for u in range(20)]
+    log = make_log(rows, feedback="implicit")
+    records = prepare_records(log, RecordOptions(negative_sampling="popularity", split_timestamps=[20, 900], seed=1))
+    future = records.items.set_index("original_id").loc["future", "ItemID"]
+    negatives = pd.concat([s.to_pandas() for s in records.splits.values()]).query("label == 0")
+    assert len(negatives) == 240
+    assert (negatives["TargetItemID"] != future).all()
+
+
+def test_the_item_noun_is_a_preparation_setting_stored_in_the_metadata(tmp_path):
+    log = make_log([("a", "1", 1, 5), ("b", "2", 2, 5), ("c", "1", 3, 5)])
+    default = prepare_records(log, RecordOptions(split_timestamps=[2, 3]))
+    assert (default.metadata["item_noun"], default.metadata["item_noun_plural"]) == ("movie", "movies")
+    games = prepare_records(log, RecordOptions(split_timestamps=[2, 3], item_noun="game", item_noun_plural="games"))
+    assert (games.metadata["item_noun"], games.metadata["item_noun_plural"]) == ("game", "games")
+    with pytest.raises(InputError, match="set item_noun and item_noun_plural together"):
+        RecordOptions(item_noun="game")
+    with pytest.raises(InputError, match="item_noun_plural must be a word"):
+        RecordOptions(item_noun="game", item_noun_plural=" ")
+
+
+def test_a_table_source_must_say_what_its_items_are(tmp_path):
+    import prepare_data
+
+    table = tmp_path / "plays.csv"
+    plays = [(f"u{u}", (u + g) % 8, 10 * g + u) for u in range(8) for g in range(3)]
+    table.write_text("user_id,item_id,timestamp,name\n" + "".join(f"{u},g{g},{t},Game {g}\n" for u, g, t in plays))
+    arguments = ["--source", "table", "--data_path", str(table), "--title_column", "name", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(InputError, match=r"source='table' .*plays.csv.*set item_noun and item_noun_plural"):
+        prepare_data.main(arguments)
+    directory = prepare_data.main(arguments + ["--item_noun", "game", "--item_noun_plural", "games"])
+    metadata = json.loads((directory / "metadata.json").read_text())
+    assert (metadata["item_noun"], metadata["item_noun_plural"]) == ("game", "games")
+    assert '"game" / "games"' in (directory / "README.md").read_text()
 
 
 def test_leave_one_out_and_short_users_are_reported():

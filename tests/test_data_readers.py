@@ -109,6 +109,60 @@ def test_amazon_review_recipe(tmp_path):
     assert dict(zip(log.items["item"], log.items["genres"]))["B001"] == "Beauty|Lips"
 
 
+def test_list_valued_metadata_columns_are_read_as_lists(tmp_path):
+    """Amazon 2014 `categories` is a list of category paths; 2018 `description` is a list of strings."""
+    reviews = write(tmp_path / "reviews.csv", "reviewerID,asin,unixReviewTime\nA1,B001,1\nA1,B002,2\nA2,B003,3\n")
+    meta = write(
+        tmp_path / "meta.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"asin": "B001", "title": "Face Cream", "categories": [["Beauty", "Skin Care", "Face"], ["Beauty", "Makeup"]],
+                 "description": ["Light.", "Non-greasy."]},
+                {"asin": "B002", "title": "Lip Balm", "categories": ["Beauty", "Lips"], "description": "Soft."},
+                {"asin": "B003", "title": "Nail File", "categories": [], "description": []},
+            ]
+        )
+        + "\n",
+    )
+    columns = ColumnMapping(user="reviewerID", item="asin", time="unixReviewTime", title="title", genres="categories",
+                            description="description")
+    for separator in (None, ","):
+        log = read_interaction_table(reviews, columns, item_path=meta, genres_separator=separator)
+        genres = dict(zip(log.items["item"], log.items["genres"]))
+        assert genres == {"B001": "Beauty|Skin Care|Face|Makeup", "B002": "Beauty|Lips", "B003": ""}
+        assert dict(zip(log.items["item"], log.items["description"])) == {"B001": "Light. Non-greasy.", "B002": "Soft.", "B003": ""}
+    # The same lists written into a CSV cell as text (Python or JSON literals) are parsed too.
+    write(tmp_path / "meta.csv", 'asin,title,categories\nB001,Face Cream,"[[\'Beauty\', \'Skin Care\']]"\n'
+          'B002,Lip Balm,"[""Beauty"", ""Lips""]"\nB003,Nail File,Tools\n')
+    log = read_interaction_table(reviews, ColumnMapping(user="reviewerID", item="asin", time="unixReviewTime", title="title",
+                                                        genres="categories"), item_path=tmp_path / "meta.csv")
+    assert dict(zip(log.items["item"], log.items["genres"])) == {"B001": "Beauty|Skin Care", "B002": "Beauty|Lips", "B003": "Tools"}
+
+
+@pytest.mark.parametrize("value", [[{"name": "Beauty"}], [[["Beauty"]]], "[['Beauty', 'Lips']"])
+def test_metadata_list_of_unknown_shape_names_column_and_value(tmp_path, value):
+    reviews = write(tmp_path / "reviews.csv", "reviewerID,asin,unixReviewTime\nA1,B001,1\n")
+    meta = write(tmp_path / "meta.jsonl", json.dumps({"asin": "B001", "title": "Face Cream", "categories": value}) + "\n")
+    columns = ColumnMapping(user="reviewerID", item="asin", time="unixReviewTime", title="title", genres="categories")
+    with pytest.raises(DataFormatError, match=r"meta.jsonl: column 'categories' row 0: expected text, a list of strings or a "
+                                              r"list of lists of strings, found .*Beauty"):
+        read_interaction_table(reviews, columns, item_path=meta)
+
+
+def test_html_entities_in_titles_are_unescaped(tmp_path):
+    orders = write(
+        tmp_path / "orders.csv",
+        "user,item,time,name,kind\n"
+        "c1,p1,1,Tom &amp; Jerry,Bath &amp; Body\nc1,p2,2,Caf&eacute; &#39;Noir&#39;,Food\nc2,p3,3,Q&A &notes,Books\n",
+    )
+    log = read_interaction_table(orders, ColumnMapping(user="user", item="item", time="time", title="name", genres="kind"))
+    titles = dict(zip(log.items["item"], log.items["title"]))
+    # Only complete entities (with their ';') are decoded: "&notes" is text, not the entity "&not".
+    assert titles == {"p1": "Tom & Jerry", "p2": "Café 'Noir'", "p3": "Q&A &notes"}
+    assert dict(zip(log.items["item"], log.items["genres"]))["p1"] == "Bath & Body"
+
+
 def test_delivery_hero_order_log_recipe(tmp_path):
     """Order logs: customer, product, order time (dates), product name, all in one file; implicit."""
     orders = write(

@@ -84,6 +84,22 @@ def test_single_class_split_gives_nan_auc_and_counts():
     assert metrics["hr@1"] == pytest.approx(1.0)  # ranking is still defined
 
 
+def test_per_user_metrics_on_too_few_users_warn_with_the_counts(caplog):
+    with caplog.at_level("WARNING", logger="thinkrec.evaluation.metrics"):
+        metrics = compute_metrics(USERS, LABELS, SCORES)
+    assert metrics["uauc_users"] == 2 and metrics["ranking_users"] == 3
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "UAUC/GAUC rest on 2 users" in warnings[0] and "HR/NDCG/MAP@k on 3 users" in warnings[0]
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(25), 2)
+    labels = np.tile([1, 0], 25)
+    with caplog.at_level("WARNING", logger="thinkrec.evaluation.metrics"):
+        many = compute_metrics(users, labels, rng.random(50))
+    assert many["uauc_users"] == 25 and not caplog.records
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

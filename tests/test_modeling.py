@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from _tiny_model import REPO_ROOT, make_model, make_records
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -474,3 +475,65 @@ def test_a_real_import_error_in_the_payload_surfaces_as_itself(tmp_path, mf_mode
     assert result.returncode != 0
     assert "sasrec_thinkrec is broken on purpose" in result.stderr
     assert "repository blocked" not in result.stderr, result.stderr[-2000:]
+
+
+def _model_from_a_backbone_folder(tmp_path, cf_model_type="mf"):
+    """A ThinkRec model around a backbone loaded from a folder (so it has a base reference)."""
+    from _tiny_model import make_cf_checkpoint, make_tokenizer
+
+    from thinkrec.training.backbones import tiny_llama
+
+    tokenizer = make_tokenizer(with_slots=False)
+    backbone_dir = tmp_path / "backbone"
+    tiny_llama(len(tokenizer), hidden_size=32, num_attention_heads=2, tie_word_embeddings=False, seed=3).save_pretrained(backbone_dir)
+    language_model = AutoModelForCausalLM.from_pretrained(backbone_dir)
+    model = ThinkRecForCausalLM.from_language_model(language_model, tokenizer, make_cf_checkpoint(cf_model_type, 0))
+    model.add_lora()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    return model.eval(), tokenizer, backbone_dir
+
+
+def test_checkpoints_hold_what_was_trained_and_a_reference_to_the_base(tmp_path):
+    model, tokenizer, backbone_dir = _model_from_a_backbone_folder(tmp_path)
+    batch = collate(tokenizer, make_records(4, seed=21), history_item_slots=True)
+    expected = model.score(**batch)
+    small, full = tmp_path / "small", tmp_path / "full"
+    model.save_pretrained(small)
+    model.save_pretrained(full, full_weights=True)
+    tokenizer.save_pretrained(small)
+    assert json.loads((small / "config.json").read_text())["base_model_name_or_path"] == str(backbone_dir)
+    assert not (small / "model.safetensors").exists() and (full / "model.safetensors").is_file()
+    saved = load_file(small / "thinkrec_weights.safetensors")
+    # Untied embeddings: the two added slot rows of the input and of the output matrix, nothing else of the base.
+    assert saved["added_rows.input_embeddings"].shape == (2, 32) and saved["added_rows.output_embeddings"].shape == (2, 32)
+    assert not any(name.startswith("language_model.") and "lora_" not in name for name in saved)
+    small_bytes = (small / "thinkrec_weights.safetensors").stat().st_size
+    trained_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert small_bytes <= 1.1 * trained_bytes and small_bytes < (full / "model.safetensors").stat().st_size / 3
+    for loaded in (ThinkRecForCausalLM.from_pretrained(small), ThinkRecForCausalLM.from_pretrained(full)):
+        torch.testing.assert_close(loaded.score(**batch), expected, rtol=0, atol=1e-6)
+
+    # trust_remote_code, repository blocked, from a copy of the small folder: the base is rebuilt from its reference.
+    copied = tmp_path / "elsewhere" / "small"
+    shutil.copytree(small, copied)
+    batch_path = tmp_path / "batch.pt"
+    torch.save(dict(batch), batch_path)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCORE_SCRIPT, str(copied), str(batch_path)], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])["scores"]), expected,
+                               rtol=0, atol=1e-6)
+
+
+def test_a_small_checkpoint_refuses_another_base(tmp_path):
+    model, tokenizer, _ = _model_from_a_backbone_folder(tmp_path)
+    model.save_pretrained(tmp_path / "small")
+    from thinkrec.training.backbones import tiny_llama
+
+    tiny_llama(len(tokenizer) + 7, hidden_size=32, num_attention_heads=2, seed=3).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="not the same backbone"):
+        ThinkRecForCausalLM.from_pretrained(tmp_path / "small", base_model_name_or_path=str(tmp_path / "other"))

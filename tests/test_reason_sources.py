@@ -7,12 +7,14 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -30,8 +32,10 @@ from thinkrec.reasons.sources import (
     normalise_verdict,
     split_sentences,
     teacher_prompt,
+    teacher_system,
     word_count,
 )
+from thinkrec.utils.errors import InputError
 
 
 def row(user=1, item=2, label=1, title=None, history=(), history_ids=None, history_labels=None):
@@ -430,3 +434,75 @@ def test_remote_teacher_against_a_real_llama_cpp_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- a second domain
+
+# Words that would show a sentence still thinks its items are films.
+FILM_WORDS = ("movie", "film", "watch", "viewer", "cinema", "rating", "sequel", "genre")
+
+
+@pytest.fixture(scope="module")
+def game_table():
+    genres = {1: "Puzzle", 2: "Puzzle|Adventure", 3: "Racing", 4: "Puzzle|Strategy", 5: "Horror", 6: "Action", 7: "Puzzle",
+              8: "Racing|Action"}
+    titles = {1: "Block Drop", 2: "Lost Isle", 3: "Turbo Lap", 4: "Mind Maze", 5: "Dark Hall", 6: "Star Raiders",
+              7: "Star Raiders Puzzle", 8: "Turbo Lap 2"}
+    items = pd.DataFrame({"ItemID": list(genres), "genres": list(genres.values()), "title": [titles[i] for i in genres]})
+    train = pd.DataFrame({"TargetItemID": [7] * 20 + [1] * 5 + [2, 3, 4, 5, 6, 8]})
+    return items, train, titles
+
+
+def game_rows(titles):
+    """Rows that reach every sentence: related or not, recent or old, disliked history, sequels, no history."""
+    histories = [(1, 2, 4), (3,), (6, 3, 1, 2, 4), (2, 5), (1, 2, 4, 3, 6), (8, 6), ()]
+    rows = []
+    for user, history in enumerate(histories, start=1):
+        for item in titles:
+            for label in (0, 1):
+                labels = [int(h % 3 != 0) for h in history]
+                rows.append(row(user=user, item=item, label=label, title=titles[item], history=[titles[h] for h in history],
+                                history_ids=list(history), history_labels=labels))
+    return rows
+
+
+@pytest.mark.parametrize("with_genres", [True, False])
+def test_synthesised_reasons_read_right_for_games(game_table, with_genres):
+    items, train, titles = game_table
+    source = SynthesisedReasons(items=items if with_genres else None, train=train, seed=0, max_reason_tokens=400,
+                                item_noun="game", item_noun_plural="games")
+    reasons = []
+    for seed in range(3):
+        source.seed = seed
+        reasons += [result.reason for result in source.explain(game_rows(titles))]
+    text = " ".join(reasons).lower()
+    assert not [word for word in FILM_WORDS if word in text]
+    assert " games" in text and " game" in text.replace(" games", "")
+    for reason in reasons:
+        for sentence in split_sentences(reason):
+            assert (sentence[:1].isupper() or sentence[:1] in '"0123456789') and sentence[-1] in ".!?", sentence
+            # Number agreement: one item is never followed by a plural verb or kind.
+            assert not re.search(r"\b1 of the \d+ games the user liked are\b", sentence), sentence
+            assert "1 of the 1 " not in sentence and "a game game" not in sentence, sentence
+    if with_genres:
+        assert "puzzle games" in text and ("a puzzle game" in text or "an action game" in text)
+
+
+def test_synthesised_reasons_take_the_nouns_of_the_records(game_table):
+    items, train, titles = game_table
+    records = SimpleNamespace(items=items, splits={"train": train}, metadata={"source": "toy", "item_noun": "game",
+                                                                              "item_noun_plural": "games"})
+    reason = SynthesisedReasons.from_records(records).synthesise(row(label=1, item=3, title=titles[3]))
+    assert "game" in reason and "movie" not in reason
+    old = SimpleNamespace(items=items, splits={"train": train}, metadata={"source": "toy"})
+    with pytest.raises(InputError, match="records of toy: metadata.json has no item_noun"):
+        SynthesisedReasons.from_records(old)
+    with pytest.raises(InputError, match="SynthesisedReasons: item_noun must be a word"):
+        SynthesisedReasons(item_noun="", item_noun_plural="games")
+
+
+def test_teacher_prompts_name_the_items():
+    prompt = teacher_prompt(row(label=1, title="Mind Maze"), item_noun="game", item_noun_plural="games")
+    assert 'Would the user enjoy the game "Mind Maze"?' in prompt and "no games yet" in prompt
+    assert teacher_system("product").startswith("You explain product recommendations.")
+    assert "movie" not in teacher_prompt(row(title="Mind Maze", history=["Block Drop"]), item_noun="game", item_noun_plural="games")

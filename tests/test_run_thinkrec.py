@@ -85,7 +85,7 @@ def test_stage1_writes_metrics_predictions_plots_and_card(stage1, assets):
     assert len(predictions) == test_rows
     assert predictions["score"].between(0, 1).all()
     assert predictions["generated"].notna().sum() == 3
-    for name in ("roc_curve.png", "training_curves.png", "README.md", "config.json", "model.safetensors",
+    for name in ("roc_curve.png", "training_curves.png", "README.md", "config.json", "thinkrec_weights.safetensors",
                  "modeling_thinkrec.py", "generation_settings.json", "test_results.json"):
         assert (output_dir / name).is_file(), name
     log_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -94,13 +94,21 @@ def test_stage1_writes_metrics_predictions_plots_and_card(stage1, assets):
     assert any("eval_auc" in entry for entry in log_history)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["cf_model_type"] == "none" and config["lora_config"]["r"] == 8
+    # The checkpoint holds what was trained and added, and a reference to the frozen base, not the base.
+    assert config["base_model_name_or_path"] == str(assets["backbone"])
+    assert not (output_dir / "model.safetensors").exists()
+    saved = load_file(output_dir / "thinkrec_weights.safetensors")
+    assert all("lora_" in name or name.startswith("added_rows.") for name in saved), sorted(saved)[:5]
+    assert saved["added_rows.input_embeddings"].shape[0] == 2  # the user and item slot tokens
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        assert (checkpoint / "thinkrec_weights.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
 
 
 def test_stage2_trains_the_projector_and_keeps_the_stage1_lora(stage1, assets, tmp_path):
     stage1_dir, _ = stage1
     args = arguments(assets, tmp_path / "out", init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]), stage="projector")
     run(tmp_path, args)
-    before, after = load_file(stage1_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    before, after = load_file(stage1_dir / "thinkrec_weights.safetensors"), load_file(tmp_path / "out" / "thinkrec_weights.safetensors")
     lora = [name for name in before if "lora_" in name]
     assert lora and all(torch.equal(before[name], after[name]) for name in lora)
     projector = [name for name in after if name.startswith("projector.")]
@@ -156,6 +164,32 @@ def test_generated_reasons_are_asked_for_with_the_reason_template(stage1, assets
     assert all("explain the reason" in prompt for prompt in prompts)
 
 
+def test_evaluation_subsets_keep_whole_users(assets):
+    """A random-row subset of a split leaves most users with one row: no per-user AUC, UAUC is noise."""
+    full = load_prepared(assets["records"]).splits
+    data_args = run_thinkrec.DataArguments(records_dir=str(assets["records"]), max_eval_samples=9, max_test_samples=9)
+    splits, _ = run_thinkrec.load_splits(data_args, seed=3)
+    for name in ("validation", "test"):
+        subset = splits[name].to_pandas()
+        rows_per_user = full[name]["UserID"].value_counts()
+        assert 0 < len(subset) <= 9
+        assert (subset["UserID"].value_counts() == rows_per_user[subset["UserID"].unique()]).all(), name
+        # Rows keep the split's order.
+        assert subset["timestamp"].is_monotonic_increasing
+    again, _ = run_thinkrec.load_splits(data_args, seed=3)
+    assert again["test"]["UserID"] == splits["test"]["UserID"]
+
+
+def test_records_without_an_item_noun_stop_before_the_model_loads(assets, tmp_path):
+    records = tmp_path / "records"
+    shutil.copytree(assets["records"], records)
+    metadata = json.loads((records / "metadata.json").read_text())
+    del metadata["item_noun"]
+    (records / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"records: metadata.json has no item_noun / item_noun_plural.*--item_noun"):
+        run_thinkrec.load_splits(run_thinkrec.DataArguments(records_dir=str(records)), seed=0)
+
+
 def test_records_whose_ids_exceed_the_cf_tables_stop_before_training(assets, tmp_path):
     small = write_mf(tmp_path / "small_mf", 3, 3)
     args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), cf_checkpoint=str(small), stage="joint")
@@ -197,8 +231,8 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(assets, tmp_pat
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     resumed = run(tmp_path, killed, "killed.json")
     assert resumed["test"]["auc"] == pytest.approx(uninterrupted["test"]["auc"], abs=1e-9)
-    full_weights = load_file(tmp_path / "full" / "model.safetensors")
-    resumed_weights = load_file(tmp_path / "killed" / "model.safetensors")
+    full_weights = load_file(tmp_path / "full" / "thinkrec_weights.safetensors")
+    resumed_weights = load_file(tmp_path / "killed" / "thinkrec_weights.safetensors")
     for name in (n for n in full_weights if "lora_" in n):
         torch.testing.assert_close(resumed_weights[name], full_weights[name])
 
@@ -306,7 +340,7 @@ def test_experts_stage_trains_all_experts_in_one_run_and_reloads_to_the_same_sco
     assert set(predictions["expert"]) <= {0, 1} and len(predictions["routing_weights"][0]) == 3
     assert results["test"]["routing_rule"] == "soft"
     # Trained: the expert slices moved away from the stage-1 LoRA they were copied from.
-    before, after = load_file(stage1_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after = load_file(stage1_dir / "thinkrec_weights.safetensors"), load_file(out / "thinkrec_weights.safetensors")
     expert_keys = [key for key in after if key.endswith(".lora_B") and "layers.1." in key]
     assert expert_keys
     shared = before[expert_keys[0].replace(".lora_B", ".lora_B.default.weight")]

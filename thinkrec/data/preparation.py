@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns
 from thinkrec.data.readers import DataFormatError, InteractionLog, PresplitRecords
+from thinkrec.utils.errors import InputError
 
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class RecordOptions:
     )
     split_ratios: list[float] = field(
         default_factory=lambda: [0.8, 0.1, 0.1],
-        metadata={"help": "Temporal mode: shares of rows (ordered by time) in train / validation / test."},
+        metadata={"help": "Temporal mode: shares of observed rows (ordered by time) in train / validation / test; "
+                  "sampled negatives follow their positive."},
     )
     split_timestamps: Optional[list[int]] = field(
         default=None,
@@ -77,6 +80,14 @@ class RecordOptions:
         metadata={"help": "Ranking pools: sampled negatives per test positive (0 = no pools). Pools never hold items the user interacted with."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for negative sampling and candidate pools."})
+    item_noun: Optional[str] = field(
+        default=None,
+        metadata={"help": f"What one item is, as prompts and reasons name it ('game', 'product', 'book'). Default "
+                  f"{DEFAULT_ITEM_NOUN!r} for the MovieLens sources; prepare_data.py asks for it with recbole and table sources."},
+    )
+    item_noun_plural: Optional[str] = field(
+        default=None, metadata={"help": "The plural of item_noun ('games', 'products'); set both or neither."}
+    )
 
     def __post_init__(self):
         choices = {
@@ -101,6 +112,19 @@ class RecordOptions:
             raise ValueError(f"negatives_per_positive must be >= 1, got {self.negatives_per_positive}.")
         if self.num_candidates < 0 or self.min_count < 0:
             raise ValueError("num_candidates and min_count must be >= 0.")
+        if (self.item_noun is None) != (self.item_noun_plural is None):
+            raise InputError(
+                f"set item_noun and item_noun_plural together (e.g. 'game' and 'games'), found {self.item_noun!r} "
+                f"and {self.item_noun_plural!r}."
+            )
+        if self.item_noun is not None:
+            check_item_nouns(self.item_noun, self.item_noun_plural, "RecordOptions")
+
+    def item_nouns(self) -> dict[str, str]:
+        """`item_noun` / `item_noun_plural` as set, else the MovieLens default."""
+        if self.item_noun is None:
+            return {"item_noun": DEFAULT_ITEM_NOUN, "item_noun_plural": DEFAULT_ITEM_NOUN_PLURAL}
+        return check_item_nouns(self.item_noun, self.item_noun_plural, "RecordOptions")
 
 
 @dataclass
@@ -289,17 +313,19 @@ def _filter_counts(interactions: pd.DataFrame, options: RecordOptions, report: d
     return interactions
 
 
-def _temporal_split(timestamps: np.ndarray, options: RecordOptions) -> tuple[np.ndarray, list[int]]:
+def _temporal_cuts(observed_timestamps: np.ndarray, options: RecordOptions) -> list[int]:
+    """[t1, t2]: train < t1 <= validation < t2 <= test, from the options or the observed rows' shares."""
     if options.split_timestamps is not None:
-        cuts = [int(t) for t in options.split_timestamps]
-    else:
-        ordered = np.sort(timestamps)
-        n = len(ordered)
-        first = min(int(round(n * options.split_ratios[0])), n - 1)
-        second = min(int(round(n * (options.split_ratios[0] + options.split_ratios[1]))), n - 1)
-        cuts = [int(ordered[first]), int(ordered[second])]
-    split = np.where(timestamps < cuts[0], 0, np.where(timestamps < cuts[1], 1, 2))
-    return split.astype(np.int8), cuts
+        return [int(t) for t in options.split_timestamps]
+    ordered = np.sort(observed_timestamps)
+    n = len(ordered)
+    first = min(int(round(n * options.split_ratios[0])), n - 1)
+    second = min(int(round(n * (options.split_ratios[0] + options.split_ratios[1]))), n - 1)
+    return [int(ordered[first]), int(ordered[second])]
+
+
+def _temporal_split(timestamps: np.ndarray, cuts: list[int]) -> np.ndarray:
+    return np.where(timestamps < cuts[0], 0, np.where(timestamps < cuts[1], 1, 2)).astype(np.int8)
 
 
 def _leave_one_out_split(users: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -315,6 +341,20 @@ def _leave_one_out_split(users: np.ndarray, observed: np.ndarray) -> np.ndarray:
     split[after_in_user == 0] = 2
     split[after_in_user == 1] = 1
     return split
+
+
+def _observed_train_rows(users: np.ndarray, timestamps: np.ndarray, cuts: Optional[list[int]]) -> np.ndarray:
+    """Which observed rows (input order) will be train rows, known before any negative is sampled."""
+    if cuts is not None:
+        return timestamps < cuts[0]
+    sort = np.lexsort((np.arange(len(users)), timestamps, users))
+    sorted_users = users[sort]
+    per_user = np.bincount(users)
+    # Leave-one-out drops users with fewer than three rows; they count nowhere.
+    train_sorted = (_leave_one_out_split(sorted_users, np.ones(len(users), dtype=bool)) == 0) & (per_user[sorted_users] >= 3)
+    train = np.zeros(len(users), dtype=bool)
+    train[sort] = train_sorted
+    return train
 
 
 def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedRecords:
@@ -347,10 +387,18 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
     rng = np.random.default_rng(options.seed)
     seen_keys = np.unique(user_ids * num_items + item_ids)
 
+    cuts = _temporal_cuts(timestamps, options) if options.split_mode == "temporal" else None
     if feedback == "implicit":
         probabilities = None
         if options.negative_sampling == "popularity":
-            counts = np.bincount(item_ids, minlength=num_items)[1:].astype(np.float64)
+            # Popularity as known at training time: counting later rows would leak the future into negatives.
+            train_rows = _observed_train_rows(user_ids, timestamps, cuts)
+            counts = np.bincount(item_ids[train_rows], minlength=num_items)[1:].astype(np.float64)
+            if counts.sum() == 0:
+                raise DataFormatError(
+                    f"{log.source}: no observed row falls in the train split, so popularity negatives have no counts; "
+                    "adjust split_ratios / split_timestamps."
+                )
             probabilities = counts / counts.sum()
         negatives = sample_unseen_items(user_ids, options.negatives_per_positive, num_items, seen_keys, rng, probabilities)
         k = options.negatives_per_positive
@@ -366,7 +414,7 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
     sort = np.lexsort((order, timestamps, user_ids))
     user_ids, item_ids, timestamps, labels, observed = (a[sort] for a in (user_ids, item_ids, timestamps, labels, observed))
     if options.split_mode == "temporal":
-        split, cuts = _temporal_split(timestamps, options)
+        split = _temporal_split(timestamps, cuts)
         report["split_timestamps"] = cuts
     else:
         observed_per_user = np.bincount(user_ids, weights=observed, minlength=num_users)
@@ -389,7 +437,8 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
     history_items, history_labels, offsets = build_histories(user_ids, item_ids, labels, eligible, options.max_history)
     titles = np.r_[[""], items_by_id["title"].to_numpy().astype(object)]
 
-    train = split == 0
+    # Sampled negatives are not occurrences: an item seen only in test stays cold even if drawn in train.
+    train = (split == 0) & observed
     user_train_counts = np.bincount(user_ids[train], minlength=num_users)
     item_train_counts = np.bincount(item_ids[train], minlength=num_items)
     not_cold = ((user_train_counts[user_ids] >= options.min_count) & (item_train_counts[item_ids] >= options.min_count)).astype(np.int64)
@@ -459,6 +508,7 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
         "max_history": options.max_history,
         "history_mode": options.history_mode,
         "split_mode": options.split_mode,
+        **options.item_nouns(),
         "rows": {name: table.num_rows for name, table in splits.items()},
         "positive_rate": {name: float(np.mean(table["label"].to_numpy())) for name, table in splits.items()},
         "report": report,
@@ -510,8 +560,14 @@ def _collm_split_to_records(frame: pd.DataFrame, max_history: int, name: str) ->
     )
 
 
-def records_from_collm(presplit: PresplitRecords, max_history: int = 10) -> PreparedRecords:
+def records_from_collm(
+    presplit: PresplitRecords,
+    max_history: int = 10,
+    item_noun: str = DEFAULT_ITEM_NOUN,
+    item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
+) -> PreparedRecords:
     """Records from CoLLM/ThinkRec tables, keeping the published ids, labels, order and ``not_cold``."""
+    nouns = check_item_nouns(item_noun, item_noun_plural, presplit.source)
     splits = {name: _collm_split_to_records(frame, max_history, name) for name, frame in presplit.splits.items()}
     for name, table in splits.items():
         if table.num_rows == 0:
@@ -544,6 +600,7 @@ def records_from_collm(presplit: PresplitRecords, max_history: int = 10) -> Prep
         "max_history": max_history,
         "history_mode": "positives",
         "split_mode": "presplit",
+        **nouns,
         "rows": {name: table.num_rows for name, table in splits.items()},
         "positive_rate": {name: float(np.mean(table["label"].to_numpy())) for name, table in splits.items()},
         "report": {"input_rows": {name: int(len(f)) for name, f in presplit.splits.items()}},

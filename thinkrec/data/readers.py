@@ -14,9 +14,13 @@ their histories, so it returns a :class:`PresplitRecords` instead.
 
 from __future__ import annotations
 
+import ast
+import html
 import importlib.util
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +34,9 @@ from thinkrec.utils.errors import InputError, MissingInputError
 logger = logging.getLogger(__name__)
 
 TABLE_FORMATS = ("csv", "tsv", "parquet", "jsonl")
+# Complete character references only: HTML5 also decodes some names without ';' ("&not" in "&notes").
+_HTML_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+_LIST_SHAPES = "text, a list of strings or a list of lists of strings"
 
 
 class DataFormatError(InputError):
@@ -134,10 +141,94 @@ def _id_column(values: pd.Series, path: Path, column: str) -> pd.Series:
     return values.astype(str)
 
 
-def _text_column(frame: pd.DataFrame, column: Optional[str]) -> pd.Series:
+def unescape_text(text: str) -> str:
+    """Decode the HTML character references (``&amp;`` -> ``&``) that scraped metadata carries in text."""
+    return _HTML_ENTITY.sub(lambda match: html.unescape(match.group(0)), text) if "&" in text else text
+
+
+def unescape_html(values: pd.Series) -> pd.Series:
+    """`unescape_text` over a column of strings."""
+    return values.map(unescape_text)
+
+
+def _is_missing(value) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def _as_parts(value, path: Path, column: str, row: int, parse_text: bool) -> Optional[list[str]]:
+    """A metadata cell as a flat list of strings when it is a list (or, with `parse_text`, a list written
+    as text), else None. Lists of lists are flattened in order (Amazon ``categories``: one path per list)."""
+    if isinstance(value, str):
+        if not parse_text:
+            return None
+        text = value.strip()
+        if not (text.startswith("[") and text.endswith("]")):
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(text)  # Python literals, as in the Amazon 2014 metadata dumps
+            except (ValueError, SyntaxError):
+                raise DataFormatError(
+                    f"{path}: column {column!r} row {row}: expected {_LIST_SHAPES}, found {value!r} (not a readable list)."
+                ) from None
+    if isinstance(value, (dict, set)):
+        raise DataFormatError(f"{path}: column {column!r} row {row}: expected {_LIST_SHAPES}, found {value!r}.")
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return None
+    parts = []
+    for element in value:
+        inner = element if isinstance(element, (list, tuple, np.ndarray)) else [element]
+        if not all(isinstance(part, str) for part in inner):
+            raise DataFormatError(f"{path}: column {column!r} row {row}: expected {_LIST_SHAPES}, found {_plain(value)!r}.")
+        parts += [part.strip() for part in inner if part.strip()]
+    return parts
+
+
+def _plain(value):
+    """numpy arrays (Parquet list cells) as lists, so an error message shows the value as written."""
+    if isinstance(value, np.ndarray):
+        return [_plain(element) for element in value]
+    return value
+
+
+def _cells(frame: pd.DataFrame, column: str, path: Path, parse_text: bool = True) -> list[Optional[list[str] | str]]:
+    """Each cell of a metadata column: None when empty, a list of strings when it holds a list, else text."""
+    values = frame[column]
+    if pd.api.types.is_numeric_dtype(values):
+        return [None if _is_missing(value) else str(value) for value in values.tolist()]
+    cells = []
+    for row, value in enumerate(values.tolist()):
+        if _is_missing(value):
+            cells.append(None)
+            continue
+        parts = _as_parts(value, path, column, row, parse_text)
+        cells.append(str(value) if parts is None else parts)
+    return cells
+
+
+def _text_column(frame: pd.DataFrame, column: Optional[str], path: Path, parse_text: bool = True) -> pd.Series:
+    """A metadata column as stripped text; list cells (see `_as_parts`) are joined with spaces."""
     if column is None:
         return pd.Series([""] * len(frame), index=frame.index, dtype=object)
-    return frame[column].fillna("").astype(str).str.strip()
+    cells = _cells(frame, column, path, parse_text)
+    texts = [" ".join(cell) if isinstance(cell, list) else (cell or "") for cell in cells]
+    return unescape_html(pd.Series(texts, index=frame.index, dtype=object).str.strip())
+
+
+def _genres_column(frame: pd.DataFrame, column: Optional[str], path: Path, separator: Optional[str]) -> pd.Series:
+    """Genres or categories as ``|``-joined text: list cells as they are (repeats kept once, in order),
+    text cells split at `separator`."""
+    if column is None:
+        return pd.Series([""] * len(frame), index=frame.index, dtype=object)
+    texts = []
+    for cell in _cells(frame, column, path):
+        if isinstance(cell, str):
+            cell = cell.split(separator) if separator is not None else [cell]
+        parts = [part.strip() for part in cell or [] if part.strip()]
+        texts.append("|".join(dict.fromkeys(parts)))
+    return unescape_html(pd.Series(texts, index=frame.index, dtype=object))
 
 
 def _items_from_columns(
@@ -155,15 +246,13 @@ def _items_from_columns(
         {"item": item_column, "title": title_column, "genres": genres_column, "description": description_column},
         path,
     )
-    genres = _text_column(frame, genres_column)
-    if genres_separator is not None:
-        genres = genres.str.split(genres_separator).map(lambda parts: "|".join(p.strip() for p in parts if p.strip()))
     items = pd.DataFrame(
         {
             "item": _id_column(frame[item_column], path, item_column),
-            "title": _text_column(frame, title_column),
-            "genres": genres,
-            "description": _text_column(frame, description_column),
+            # A title in brackets is a title ("[REC]"), never a list written as text.
+            "title": _text_column(frame, title_column, path, parse_text=False),
+            "genres": _genres_column(frame, genres_column, path, genres_separator),
+            "description": _text_column(frame, description_column, path),
         }
     )
     return items.drop_duplicates("item", keep="first").reset_index(drop=True)
@@ -464,6 +553,9 @@ def read_collm_splits(folder: os.PathLike | str, allow_pickle: bool = False) -> 
             raise DataFormatError(
                 f"{folder}/{stem}: missing CoLLM column(s) {missing}; found {list(frame.columns)}."
             )
+        frame["title"] = unescape_html(frame["title"].astype(str))
+        if "his_title" in frame:
+            frame["his_title"] = frame["his_title"].map(lambda titles: [unescape_text(str(title)) for title in titles])
         splits[split] = frame
     items_path = folder / "items.parquet"
     if items_path.is_file():
@@ -471,7 +563,7 @@ def read_collm_splits(folder: os.PathLike | str, allow_pickle: bool = False) -> 
         items = pd.DataFrame(
             {
                 "item": raw["iid"].astype("int64").astype(str),
-                "title": raw["title"].fillna("").astype(str),
+                "title": unescape_html(raw["title"].fillna("").astype(str)),
                 "genres": raw["genres"].fillna("").astype(str) if "genres" in raw else "",
                 "description": raw["description"].fillna("").astype(str) if "description" in raw else "",
             }

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import yaml
 from huggingface_hub import HfApi
 
+from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.preparation import SPLITS, PreparedRecords
 from thinkrec.utils.errors import MissingInputError
 from thinkrec.utils.files import atomic_write, atomic_write_named_by_content, write_json
@@ -136,6 +137,7 @@ columns are documented in the repository's `docs/records.md`.
 
 Users: {meta['num_users'] - 1:,}; items: {meta['num_items'] - 1:,} (ids start at 1, 0 is padding).
 History: last {meta['max_history']} items, mode `{meta['history_mode']}`; split: `{meta['split_mode']}`.
+Prompts and reasons call the items "{meta['item_noun']}" / "{meta['item_noun_plural']}".
 
 ```python
 from datasets import load_dataset
@@ -197,6 +199,8 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
     output_dir = Path(output_dir)
+    # Records without item nouns could not be prompted: refuse them before writing anything.
+    item_nouns_from_metadata(records.metadata, f"records for {output_dir}")
     features = record_features(records.metadata.get("embeddings"))
     files = {split: "data/" + write_table(records.splits[split], output_dir / "data", split, features, output_format) for split in SPLITS}
     for name, frame, table_features in (("items", records.items, ITEM_FEATURES), ("users", records.users, USER_FEATURES)):

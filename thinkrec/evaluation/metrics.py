@@ -6,6 +6,9 @@ One entry point, :func:`compute_metrics`, returns a flat ``dict[str, float]``::
     n_rows, n_users, n_positive, n_negative, uauc_users, ranking_users
     warm/<name>, cold/<name>                       (the same on not_cold == 1 / == 0 rows)
 
+``uauc_users`` / ``ranking_users`` count the users the per-user metrics rest on; under
+``MIN_USERS_PER_USER_METRICS`` of them (all rows) a warning is logged.
+
 Conventions (all documented where they are computed):
 
 - AUC is the Mann-Whitney statistic with tied scores counted as one half, i.e. the same value as
@@ -24,6 +27,7 @@ Everything is vectorised: rows are grouped by user through one sort, and per-use
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -31,8 +35,12 @@ import numpy as np
 import pandas as pd
 
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_KS = (1, 3, 5, 10)
 GROUPS = ("warm", "cold")
+# Below this many users a per-user mean moves by whole points with one user: report it, but say so.
+MIN_USERS_PER_USER_METRICS = 20
 
 
 def _as_1d(values, name: str) -> np.ndarray:
@@ -197,11 +205,24 @@ def compute_metrics(user_ids, labels, scores, not_cold=None, ks: Sequence[int] =
     """
     user_ids, labels, scores, not_cold = _validate(user_ids, labels, scores, not_cold)
     results = _group_metrics(user_ids, labels, scores, ks)
+    _warn_if_few_users(results)
     if not_cold is not None:
         for group, mask in (("warm", not_cold), ("cold", ~not_cold)):
             group_results = _group_metrics(user_ids[mask], labels[mask], scores[mask], ks)
             results.update({f"{group}/{name}": value for name, value in group_results.items()})
     return results
+
+
+def _warn_if_few_users(results: dict[str, float]) -> None:
+    """Log a warning when UAUC/GAUC or the ranking metrics rest on too few users to mean anything."""
+    uauc_users, ranking_users = int(results["uauc_users"]), int(results["ranking_users"])
+    if min(uauc_users, ranking_users) >= MIN_USERS_PER_USER_METRICS:
+        return
+    logger.warning(
+        "per-user metrics on few users: UAUC/GAUC rest on %d users (with both labels) and HR/NDCG/MAP@k on %d users "
+        "(with a positive) of %d rows; under %d users they are noise. Evaluate on more rows or whole users.",
+        uauc_users, ranking_users, int(results["n_rows"]), MIN_USERS_PER_USER_METRICS,
+    )
 
 
 def format_metrics(metrics: dict[str, float], title: str | None = None) -> str:

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.reasons.sources import SOURCES, LocalTeacher, RemoteTeacher, SynthesisedReasons
 from thinkrec.utils.errors import InputError
 from thinkrec.utils.subsets import seeded_subset
@@ -109,9 +110,11 @@ def build_source(source_args: SourceArguments, records, tokenizer, output_path: 
     if source_args.source == "synthesised":
         return SynthesisedReasons.from_records(records, seed=seed, max_reason_tokens=source_args.max_reason_tokens,
                                                count_tokens=count_tokens)
+    nouns = item_nouns_from_metadata(records.metadata)
     if source_args.source == "local":
         teacher = LocalTeacher(source_args.teacher_model, batch_size=source_args.teacher_batch_size,
-                               max_new_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens)
+                               max_new_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens,
+                               **nouns)
         teacher.count_tokens = count_tokens
         return teacher
     cache_path = source_args.cache_path or str(output_path.with_suffix(".cache.jsonl"))
@@ -119,4 +122,5 @@ def build_source(source_args: SourceArguments, records, tokenizer, output_path: 
         source_args.base_url, source_args.remote_model, api_key_env=source_args.api_key_env, cache_path=cache_path,
         concurrency=source_args.concurrency, max_retries=source_args.max_retries, timeout=source_args.request_timeout,
         max_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens, count_tokens=count_tokens,
+        **nouns,
     )

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns, item_nouns_from_metadata
 from thinkrec.evaluation.reporting import verdict_of
 
 
@@ -236,6 +237,10 @@ def _title_words(title: str) -> set[str]:
     return {w for w in words if len(w) >= 4 and w not in _STOPWORDS and not w.isdigit()}
 
 
+def _counted(count: int, what: str) -> str:
+    return f"{count} {what}" + ("" if count == 1 else "s")
+
+
 def _join(items: list[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
@@ -251,13 +256,17 @@ class SynthesisedReasons(ReasonSource):
         items: item table with `ItemID` and `genres` ("|"-separated); None = titles only.
         train: train split (`TargetItemID` counts give popularity); None = no popularity sentences.
         seed: picks the phrasing.
+        item_noun, item_noun_plural: what the items are ("game"/"games"); `from_records` reads the records' own.
     """
 
     name = "synthesised"
 
     def __init__(self, items=None, train=None, seed: int = 0, max_reason_tokens: int = 200,
-                 count_tokens: Optional[Callable[[str], int]] = None):
+                 count_tokens: Optional[Callable[[str], int]] = None, item_noun: str = DEFAULT_ITEM_NOUN,
+                 item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL):
         super().__init__(max_reason_tokens, count_tokens)
+        nouns = check_item_nouns(item_noun, item_noun_plural, type(self).__name__)
+        self.item_noun, self.item_noun_plural = nouns["item_noun"], nouns["item_noun_plural"]
         self.seed = seed
         self.item_genres: dict[int, list[str]] = {}
         if items is not None and "genres" in items:
@@ -271,8 +280,8 @@ class SynthesisedReasons(ReasonSource):
 
     @classmethod
     def from_records(cls, records, **kwargs) -> "SynthesisedReasons":
-        """From `thinkrec.data.records.load_prepared(dir)`: its item table and train split."""
-        return cls(items=records.items, train=records.splits["train"], **kwargs)
+        """From `thinkrec.data.records.load_prepared(dir)`: its item table, train split and item nouns."""
+        return cls(items=records.items, train=records.splits["train"], **{**item_nouns_from_metadata(records.metadata), **kwargs})
 
     def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
         return [(self.synthesise(row), None) for row in rows]
@@ -324,16 +333,27 @@ class SynthesisedReasons(ReasonSource):
 
     def _positive(self, f: dict, rng: random.Random) -> list[str]:
         out, target = [], f["target"]
+        noun, nouns = self.item_noun, self.item_noun_plural
         n_liked, related = len(f["liked"]), f["related"]
         if related:
             genre = _genre_phrase(f["shared_counts"].most_common(1)[0][0])
             examples = _join([_quoted(h["title"]) for h in related[:2]])
             share = len(related) / max(n_liked, 1)
-            out.append(rng.choice([
-                f"{len(related)} of the {n_liked} movies the user rated highly are {genre} films, such as {examples}, and {target} is {_with_article(genre)} film too.",
-                f"The user keeps coming back to {genre} films like {examples}, and {target} belongs to the same genre.",
-                f"{target} is {_with_article(genre)} movie, a genre that runs through the user's favourites, including {examples}.",
-            ]))
+            one = len(related) == 1
+            if n_liked == 1:
+                subject = f"The only {noun} the user liked"
+            elif len(related) == n_liked:
+                subject = f"All {n_liked} {nouns} the user liked"
+            else:
+                subject = f"{len(related)} of the {n_liked} {nouns} the user liked"
+            kind = f"{_with_article(genre)} {noun}" if one else f"{genre} {nouns}"
+            choices = [
+                f"{subject} {'is' if one else 'are'} {kind} ({examples}), and {target} is {_with_article(genre)} {noun} too.",
+                f"{target} is {_with_article(genre)} {noun}, and {genre} {nouns} run through the user's favourites, including {examples}.",
+            ]
+            if not one:
+                choices.append(f"The user keeps coming back to {genre} {nouns} like {examples}, and {target} is one as well.")
+            out.append(rng.choice(choices))
             newest = related[0]
             if newest["ago"] <= 2:
                 newest_title = _quoted(newest["title"])
@@ -344,71 +364,74 @@ class SynthesisedReasons(ReasonSource):
                 ]))
             elif share >= 0.5:
                 out.append(rng.choice([
-                    "The preference is consistent rather than a one-off, since most of the liked titles share it.",
+                    f"The preference is consistent rather than a one-off, since most of the liked {nouns} share it.",
                     "This is a steady pattern across the history, not a single lucky match.",
                 ]))
         elif f["top_genres"]:
             out.append(rng.choice([
-                f"The user's favourites lean towards {_join([_genre_phrase(g) for g in f['top_genres']])} films, and {target} offers a change of pace that a broad viewer like this tends to enjoy.",
-                f"Although {target} does not share a genre with the liked movies, the user rates a wide range of titles highly.",
+                f"The user's favourites lean towards {_join([_genre_phrase(g) for g in f['top_genres']])} {nouns}, and {target} offers a change of pace that a user with broad taste tends to enjoy.",
+                f"Although {target} is unlike the {nouns} the user liked before, the user enjoys a wide range of them.",
             ]))
         if f["word_links"]:
             link = f["word_links"][0]
             out.append(rng.choice([
-                f"Its title shares \"{link['words'][0]}\" with {_quoted(link['title'])}, which the user enjoyed, hinting at a related story or a sequel.",
-                f"It also looks connected to {_quoted(link['title'])}, a title the user liked.",
+                f"Its title shares \"{link['words'][0]}\" with {_quoted(link['title'])}, which the user enjoyed, hinting that the two are related.",
+                f"It also looks connected to {_quoted(link['title'])}, {_with_article(noun)} the user liked.",
             ]))
         if f["popular"]:
             also = " also" if out else ""
             out.append(rng.choice([
-                f"It is{also} one of the most watched titles in the data ({f['count']} ratings in training), a safe recommendation.",
+                f"It is{also} one of the most popular {nouns} in the data ({_counted(f['count'], 'training interaction')}), a safe recommendation.",
                 "Its wide popularity makes a positive reaction even more likely.",
             ]))
         if not out:
             out.append(rng.choice([
-                f"With little history to go on, {target} is a reasonable guess for a user who rates most movies they watch highly.",
-                f"The user's short history gives no strong signal against {target}, and it is the kind of title most viewers enjoy.",
+                f"With little history to go on, {target} is a reasonable guess for a user who likes most {nouns} they try.",
+                f"The user's short history gives no strong signal against {target}, and it is the kind of {noun} most users enjoy.",
             ]))
         return out
 
     def _negative(self, f: dict, rng: random.Random) -> list[str]:
         out, target = [], f["target"]
+        noun, nouns = self.item_noun, self.item_noun_plural
         n_liked, related = len(f["liked"]), f["related"]
         target_genre = _genre_phrase(f["target_genres"][0]) if f["target_genres"] else None
         if f["related_disliked"]:
             miss = f["related_disliked"][0]
             genre = _genre_phrase(miss["shared"][0])
             out.append(rng.choice([
-                f"The user gave a low rating to {_quoted(miss['title'])}, another {genre} movie.",
-                f"A similar {genre} title, {_quoted(miss['title'])}, already disappointed this user.",
+                f"The user disliked {_quoted(miss['title'])}, another {genre} {noun}.",
+                f"A similar {genre} {noun}, {_quoted(miss['title'])}, already disappointed this user.",
             ]))
         if not related and target_genre and n_liked:
-            favourites = _join([_genre_phrase(g) for g in f["top_genres"]]) or "other genres"
+            favourites = f"{_join([_genre_phrase(g) for g in f['top_genres']])} {nouns}" if f["top_genres"] else f"other kinds of {nouns}"
             out.append(rng.choice([
-                f"None of the {n_liked} movies the user rated highly is {_with_article(target_genre)} film; their favourites are mostly {favourites}.",
-                f"{target} is {_with_article(target_genre)} movie, while the user's highly rated titles are mostly {favourites}.",
+                f"None of the {nouns} the user liked is {_with_article(target_genre)} {noun}; their favourites are mostly {favourites}.",
+                f"{target} is {_with_article(target_genre)} {noun}, while the user's favourites are mostly {favourites}.",
             ]))
         elif related and len(related) / max(n_liked, 1) < 0.3:
+            one = len(related) == 1
             out.append(rng.choice([
-                f"Only {len(related)} of the {n_liked} liked movies {'shares' if len(related) == 1 else 'share'} a genre with {target}, so it sits at the edge of the user's taste.",
-                f"The genre link is thin: just {len(related)} of {n_liked} favourites {'resembles' if len(related) == 1 else 'resemble'} {target}.",
+                f"Only {len(related)} of the {n_liked} {nouns} the user liked {'is' if one else 'are'} of the same kind as {target}, so it sits at the edge of the user's taste.",
+                f"The link is thin: just {len(related)} of {n_liked} favourites {'resembles' if one else 'resemble'} {target}.",
             ]))
         elif related:
             genre = _genre_phrase(f["shared_counts"].most_common(1)[0][0])
             out.append(rng.choice([
-                f"Although the user likes {genre} films such as {_quoted(related[0]['title'])}, they seem selective within the genre, and {target} does not stand out.",
-                f"Liking {genre} movies like {_quoted(related[0]['title'])} does not mean liking every one of them, and {target} is a weaker fit.",
+                f"Although the user likes {genre} {nouns} such as {_quoted(related[0]['title'])}, they seem selective among them, and {target} does not stand out.",
+                f"Liking {genre} {nouns} like {_quoted(related[0]['title'])} does not mean liking every one of them, and {target} is a weaker fit.",
             ]))
             if related[0]["ago"] > 3 and f["recent_genres"]:
+                recent = _join([_genre_phrase(g) for g in f["recent_genres"]])
                 out.append(rng.choice([
-                    f"Those related picks are also far back in the history; lately the user has favoured {_join([_genre_phrase(g) for g in f['recent_genres']])} films.",
-                    f"Recently the user has moved on to {_join([_genre_phrase(g) for g in f['recent_genres']])} titles.",
+                    f"Those related picks are also far back in the history; lately the user has favoured {recent} {nouns}.",
+                    f"Recently the user has moved on to {recent} {nouns}.",
                 ]))
         if f["niche"]:
             also = " also" if out else ""
             out.append(rng.choice([
-                f"It is{also} a little-watched title ({f['count']} ratings in training), which makes it a riskier suggestion.",
-                "Few people in the data have watched it, another sign it is a hard sell.",
+                f"It is{also} a rarely chosen {noun} ({_counted(f['count'], 'training interaction')}), which makes it a riskier suggestion.",
+                "Few users in the data have chosen it, another sign it is a hard sell.",
             ]))
         if not out:
             out.append(rng.choice([
@@ -421,12 +444,18 @@ class SynthesisedReasons(ReasonSource):
 # --------------------------------------------------------------------------------- teacher prompt
 
 TEACHER_SYSTEM = (
-    "You explain movie recommendations. You are told the true answer; justify it from the user's history "
+    "You explain {item_noun} recommendations. You are told the true answer; justify it from the user's history "
     "in two to four sentences. Start with \"Yes.\" or \"No.\" exactly as given."
 )
 
 
-def teacher_prompt(row: dict, max_history: int = 10) -> str:
+def teacher_system(item_noun: str = DEFAULT_ITEM_NOUN) -> str:
+    """The teacher's system message (`TEACHER_SYSTEM`) for items called `item_noun`."""
+    return TEACHER_SYSTEM.format(item_noun=item_noun)
+
+
+def teacher_prompt(row: dict, max_history: int = 10, item_noun: str = DEFAULT_ITEM_NOUN,
+                   item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL) -> str:
     """The question for a teacher: the history, the target and the true answer as a hint."""
     all_titles = _as_list(row.get("HisItemTitles"))
     titles = [_quoted(str(t)) for t in all_titles[-max_history:]]
@@ -436,10 +465,10 @@ def teacher_prompt(row: dict, max_history: int = 10) -> str:
         disliked = [t for t, label in zip(titles, labels) if int(label) == 0]
         history = f"The user liked: {', '.join(liked) or 'none'}. The user disliked: {', '.join(disliked)}."
     else:
-        history = f"The user has given high ratings to: {', '.join(titles) or 'no movies yet'}."
+        history = f"The user has given high ratings to: {', '.join(titles) or f'no {item_noun_plural} yet'}."
     answer = "Yes" if int(row["label"]) == 1 else "No"
     return (
-        f"{history}\nWould the user enjoy the movie {_quoted(str(row.get('TargetItemTitle', '')))}?\n"
+        f"{history}\nWould the user enjoy the {item_noun} {_quoted(str(row.get('TargetItemTitle', '')))}?\n"
         f"The true answer is {answer}. Begin with \"{answer}.\" and explain why in a few sentences."
     )
 
@@ -456,12 +485,14 @@ class LocalTeacher(ReasonSource):
         prefill_verdict: start the assistant turn with the true verdict ("Yes."), so that small
             teachers, which often open with filler, explain the given answer instead.
         batch_size, max_new_tokens: generation settings.
+        item_noun, item_noun_plural: what the items are, as the prompts name them.
     """
 
     name = "local"
 
     def __init__(self, model_name_or_path: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 160,
-                 prefill_verdict: bool = True, max_reason_tokens: int = 200, dtype=None, model=None, tokenizer=None):
+                 prefill_verdict: bool = True, max_reason_tokens: int = 200, dtype=None, model=None, tokenizer=None,
+                 item_noun: str = DEFAULT_ITEM_NOUN, item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -476,12 +507,14 @@ class LocalTeacher(ReasonSource):
             raise ValueError("LocalTeacher: a model passed in needs its tokenizer too.")
         if not tokenizer.chat_template:
             raise ValueError(f"LocalTeacher: the tokenizer of {model_name_or_path or 'the model'} has no chat template.")
+        self.nouns = check_item_nouns(item_noun, item_noun_plural, type(self).__name__)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_new_tokens, self.prefill_verdict = batch_size, max_new_tokens, prefill_verdict
         super().__init__(max_reason_tokens, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def _prompt(self, row: dict) -> str:
-        messages = [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": teacher_prompt(row)}]
+        messages = [{"role": "system", "content": teacher_system(self.nouns["item_noun"])},
+                    {"role": "user", "content": teacher_prompt(row, **self.nouns)}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + (self._verdict(row) if self.prefill_verdict else "")
 
@@ -588,6 +621,7 @@ class RemoteTeacher(ReasonSource):
         model: model name sent with each request.
         api_key_env: name of the environment variable holding the key (unset = no Authorization header).
         cache_path: JSON-lines cache; answers found there are not asked again.
+        item_noun, item_noun_plural: what the items are, as the prompts name them.
     """
 
     name = "remote"
@@ -597,8 +631,10 @@ class RemoteTeacher(ReasonSource):
                  cache_path: Optional[os.PathLike | str] = None, concurrency: int = 4, max_retries: int = 4,
                  timeout: float = 60.0, backoff_base: float = 1.0, backoff_max: float = 30.0,
                  max_tokens: int = 256, temperature: float = 0.0, max_reason_tokens: int = 200,
-                 count_tokens: Optional[Callable[[str], int]] = None):
+                 count_tokens: Optional[Callable[[str], int]] = None, item_noun: str = DEFAULT_ITEM_NOUN,
+                 item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL):
         super().__init__(max_reason_tokens, count_tokens)
+        self.nouns = check_item_nouns(item_noun, item_noun_plural, type(self).__name__)
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}.")
         if concurrency < 1 or max_retries < 0:
@@ -626,7 +662,8 @@ class RemoteTeacher(ReasonSource):
         """One chat completion; returns the answer text or raises (urllib errors, ValueError on a bad body)."""
         body = {
             "model": self.model,
-            "messages": [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": teacher_prompt(row)}],
+            "messages": [{"role": "system", "content": teacher_system(self.nouns["item_noun"])},
+                         {"role": "user", "content": teacher_prompt(row, **self.nouns)}],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -731,5 +768,6 @@ __all__ = [
     "normalise_verdict",
     "split_sentences",
     "teacher_prompt",
+    "teacher_system",
     "word_count",
 ]

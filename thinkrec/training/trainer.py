@@ -4,6 +4,7 @@ and per-row interleaving of reasoning and recommendation rows."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import datasets
@@ -27,6 +28,25 @@ class ThinkRecTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._loss_part_sums = {"bce_loss": 0.0, "lm_loss": 0.0}
         self._loss_part_count = 0
+
+    def _load_trained_weights_from(self, folder: str) -> bool:
+        """Apply a small checkpoint's trained weights (thinkrec_weights.safetensors) if `folder` has one."""
+        from modeling_thinkrec import TRAINED_WEIGHTS_NAME
+
+        if not os.path.isfile(os.path.join(folder, TRAINED_WEIGHTS_NAME)) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        self.accelerator.unwrap_model(self.model).load_trained_weights(folder)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Checkpoints hold only what the base does not: resume applies them to the model in place.
+        if model is None and self._load_trained_weights_from(resume_from_checkpoint):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _load_best_model(self):
+        if not self._load_trained_weights_from(self.state.best_model_checkpoint):
+            super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

@@ -1,4 +1,5 @@
-"""Seeded subsets that keep a split's own order, and the table cell used by printed summaries."""
+"""Seeded subsets (of rows, or of whole users) that keep a split's own order, and the table cell used by
+printed summaries."""
 
 import math
 from typing import Optional, TypeVar
@@ -19,7 +20,31 @@ def seeded_rows(total: int, size: Optional[int], seed: int) -> Optional[np.ndarr
 def seeded_subset(rows: Rows, size: Optional[int], seed: int) -> Rows:
     """A seeded random subset of a pandas DataFrame or a `datasets.Dataset`, kept in its own order (so
     histories stay readable)."""
-    positions = seeded_rows(len(rows), size, seed)
+    return _take(rows, seeded_rows(len(rows), size, seed))
+
+
+def seeded_user_rows(users: np.ndarray, size: Optional[int], seed: int) -> Optional[np.ndarray]:
+    """Sorted positions of every row of a seeded random set of users: users are added in a seeded order
+    while their rows fit in `size` (at least one user); None: keep them all."""
+    if size is None or size >= len(users):
+        return None
+    unique, inverse, counts = np.unique(np.asarray(users), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fitting = int(np.searchsorted(np.cumsum(counts[order]), size, side="right"))
+    chosen = np.zeros(len(unique), dtype=bool)
+    chosen[order[: max(fitting, 1)]] = True
+    return np.flatnonzero(chosen[inverse.reshape(-1)])
+
+
+def seeded_user_subset(rows: Rows, size: Optional[int], seed: int, user_column: str = "UserID") -> Rows:
+    """Like `seeded_subset`, but by whole users: per-user metrics (UAUC, HR@k) need each user's rows
+    together, and random rows of a leave-one-out split leave almost no user with both labels."""
+    if size is None or size >= len(rows):
+        return rows
+    return _take(rows, seeded_user_rows(np.asarray(rows[user_column]), size, seed))
+
+
+def _take(rows: Rows, positions: Optional[np.ndarray]) -> Rows:
     if positions is None:
         return rows
     if hasattr(rows, "iloc"):
