@@ -50,6 +50,7 @@ from thinkrec.data.records import load_prepared
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
+from thinkrec.training.backbones import hub_reference
 from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
@@ -613,11 +614,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
         trainer.compute_metrics = metrics_for(splits["test"])
         results.update(predict(trainer, model, tokenizer, cf, splits["test"], data_args, training_args, collator_kwargs))
 
+    if not training_args.do_train:
+        # Collective: under ZeRO-3 / FSDP every rank takes part in gathering the weights it saves.
+        trainer.save_model()
     if trainer.is_world_process_zero():
+        base_hub_id, backbone_note = hub_reference(backbone)
         card = model_card(
             repo_id=training_args.hub_model_id,
             stage=training_args.stage,
             backbone=backbone,
+            base_hub_id=base_hub_id,
+            backbone_note=backbone_note,
+            num_experts=model.config.num_experts,
             cf_model_type=model.config.cf_model_type,
             records_source=training_args.hub_dataset_source or metadata.get("source", data_args.records_dir),
             train_rows=len(train_rows),
@@ -628,9 +636,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             score_type=model.config.score_type,
         )
         os.makedirs(training_args.output_dir, exist_ok=True)
-        Path(training_args.output_dir, "README.md").write_text(card, encoding="utf-8")
-        if not training_args.do_train:
-            trainer.save_model()
+        atomic_write(Path(training_args.output_dir, "README.md"), lambda temp: Path(temp).write_text(card, encoding="utf-8"))
         if push_requested:
             push_folder(training_args)
     return results

@@ -61,23 +61,30 @@ def plot_training_curves(log_history: list[dict], path: os.PathLike | str) -> Op
     if not train and not evals:
         return None
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "bce_loss", "lm_loss"):
+    # One panel per kind of data present: no empty validation panel when no evaluation ran.
+    panels = int(bool(train)) + int(bool(evals))
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    left = axes.pop(0) if train else None
+    right = axes.pop(0) if evals else None
+    for key in ("loss", "bce_loss", "lm_loss") if train else ():
         points = [(entry["step"], entry[key]) for entry in train if key in entry]
         if points:
             left.plot(*zip(*points), label=key)
-    left.set_xlabel("step")
-    left.set_title("training loss")
-    if left.get_legend_handles_labels()[0]:
-        left.legend()
-    for key in ("eval_auc", "eval_uauc", "eval_ndcg_at_5"):
+    if left is not None:
+        left.set_xlabel("step")
+        left.set_title("training loss")
+        if left.get_legend_handles_labels()[0]:
+            left.legend()
+    for key in ("eval_auc", "eval_uauc", "eval_ndcg_at_5") if evals else ():
         points = [(entry["step"], entry[key]) for entry in evals if key in entry and not math.isnan(entry[key])]
         if points:
             right.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
-    right.set_xlabel("step")
-    right.set_title("validation")
-    if right.get_legend_handles_labels()[0]:
-        right.legend()
+    if right is not None:
+        right.set_xlabel("step")
+        right.set_title("validation")
+        if right.get_legend_handles_labels()[0]:
+            right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -96,6 +103,9 @@ def model_card(
     template: str,
     reason_template: Optional[str] = None,
     score_type: str = "yes_logit",
+    base_hub_id: Optional[str] = None,
+    backbone_note: str = "",
+    num_experts: int = 0,
 ) -> str:
     """Model card (README.md) stating data, stages, metrics and how to load the model."""
     name = repo_id or "path/to/this/folder"
@@ -112,8 +122,9 @@ def model_card(
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["recommendation", "thinkrec", "lora", "custom_code"],
-        "base_model": backbone,
     }
+    if base_hub_id:
+        metadata["base_model"] = base_hub_id
     score_text = 'logit("Yes") - logit("No")' if score_type == "yes_no_log_odds" else 'the logit of "Yes"'
     reason_text = f"; reasons are asked for with `{reason_template}`" if reason_template else ""
     front = "\n".join(f"{key}: {json.dumps(value)}" for key, value in metadata.items())
@@ -128,7 +139,10 @@ A causal LM recommender trained with the ThinkRec repository: it reads a prompt 
 and a target item, and answers "Yes"/"No" (optionally with a reason). The score is {score_text}
 at the last prompt position.
 
-- Backbone: `{backbone}` (frozen), LoRA adapter and projector stored unmerged in `model.safetensors`.
+- Backbone: `{base_hub_id or "a local backbone folder"}` (frozen){" — " + backbone_note if backbone_note else ""}. The checkpoint holds
+  only what the backbone does not (`thinkrec_weights.safetensors`: the LoRA adapter{f" as {num_experts} user-cluster experts plus a general one" if num_experts else ""},
+  the projector, the CF tables and the slot-token embedding rows); loading rebuilds the backbone from
+  `base_model_name_or_path` in `config.json`.
 - Collaborative model: `{cf_model_type}` (frozen tables saved with the model).
 - Training stage: `{stage}`; prompt template: `{template}`{reason_text}.
 - Data: `{records_source}`, {train_rows:,} training rows.

