@@ -51,6 +51,7 @@ from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
+from thinkrec.training.resume import RunArgumentsCallback, check_resumable, remove_checkpoints, run_arguments
 from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
@@ -182,6 +183,11 @@ class ThinkRecTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Stop after this many evaluations without improvement of metric_for_best_model."}
     )
     hub_dataset_source: Optional[str] = field(default=None, metadata={"help": "Dataset repo id named in the model card."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start anew: remove the checkpoint-* folders in output_dir instead of resuming from the last one "
+                  "(a checkpoint made with other stage, data, model or training arguments is never resumed)."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads raw record fields."})
     metric_for_best_model: Optional[str] = field(default="auc", metadata={"help": "Validation metric that picks the best checkpoint."})
@@ -571,7 +577,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             splits["train"], load_reason_rows(data_args.reason_records), training_args.reasoning_share, training_args.seed
         )
         logger.info("training rows: %d (%d reasoning)", len(train_rows), sum(m == "reason" for m in train_rows["mode"]))
-    callbacks = []
+    defining_arguments = run_arguments(model_args, data_args, training_args, metadata)
+    callbacks = [RunArgumentsCallback(defining_arguments)]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = ThinkRecTrainer(
@@ -588,11 +595,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results: dict = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(training_args.output_dir):
-            # A run killed mid-training picks up where it stopped.
+        if training_args.overwrite_output_dir and os.path.isdir(training_args.output_dir):
+            if trainer.is_world_process_zero():
+                logger.info("overwrite_output_dir: removed %s", remove_checkpoints(training_args.output_dir))
+            trainer.accelerator.wait_for_everyone()
+        elif checkpoint is None and os.path.isdir(training_args.output_dir):
+            # A run killed mid-training picks up where it stopped, if the checkpoint is from this same run.
             checkpoint = get_last_checkpoint(training_args.output_dir)
-            if checkpoint:
-                logger.info("resuming from %s", checkpoint)
+        if checkpoint:
+            check_resumable(checkpoint, defining_arguments)
+            logger.info("resuming from %s", checkpoint)
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()

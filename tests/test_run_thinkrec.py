@@ -363,3 +363,18 @@ def test_experts_stage_refuses_a_start_without_lora_or_init_from(assets, tmp_pat
                             model_name_or_path=str(assets["backbone"]), max_steps=1), name="p.json")
     with pytest.raises(ValueError, match="has none \\(train stage 'lora' first\\)"):
         run(tmp_path, arguments(assets, tmp_path / "b", stage="experts", init_from=str(projector_only), num_clusters=2))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(assets, tmp_path):
+    out = tmp_path / "out"
+    common = dict(model_name_or_path=str(assets["backbone"]), stage="lora", max_steps=2, save_steps=2)
+    run(tmp_path, arguments(assets, out, **common), "a.json")
+    saved = json.loads((out / "checkpoint-2" / "thinkrec_run_arguments.json").read_text())
+    assert saved["training"]["learning_rate"] == 1e-3 and saved["records"]["files"]
+    with pytest.raises(ValueError, match=r"training\.learning_rate: 0\.001 in the checkpoint, 0\.005 now"):
+        run(tmp_path, arguments(assets, out, learning_rate=5e-3, **common), "b.json")
+    with pytest.raises(ValueError, match=r"data\.template: None in the checkpoint, 'reflection_text_only' now"):
+        run(tmp_path, arguments(assets, out, template="reflection_text_only", **common), "c.json")
+    run(tmp_path, arguments(assets, out, learning_rate=5e-3, overwrite_output_dir=True, **common), "d.json")
+    saved = json.loads((out / "checkpoint-2" / "thinkrec_run_arguments.json").read_text())
+    assert saved["training"]["learning_rate"] == 5e-3
