@@ -17,7 +17,8 @@ the tokenizer (with its slot tokens) into the same folder (Trainer does this for
 `processing_class`).
 """
 
-import copy
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -74,8 +75,11 @@ class ThinkRecOutput(ModelOutput):
         bce_loss (`torch.FloatTensor` of shape `(batch_size,)`): per-row BCE of the score (unweighted).
         lm_loss (`torch.FloatTensor` of shape `(batch_size,)`): per-row mean token cross-entropy of the
             answer, EOS included (unweighted).
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): only with
-            `return_logits=True`.
+        logits (`torch.FloatTensor`): without labels, the vocabulary logits of the kept positions
+            (`logits_to_keep`, default the last: `(batch_size, 1, vocab_size)`, what generation reads);
+            with labels, only with `return_logits=True` (every position).
+        cache / past_key_values (`Cache`): the LM's key/value cache when `use_cache`, under the name the
+            installed transformers uses (`cache` from 5.2x, `past_key_values` before).
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,6 +87,8 @@ class ThinkRecOutput(ModelOutput):
     bce_loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    past_key_values: object | None = None
 
 
 class ThinkRecProjector(nn.Module):
@@ -664,6 +670,10 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         item_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache=None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
         return_logits: bool = False,
         **kwargs,
     ) -> ThinkRecOutput:
@@ -675,6 +685,8 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         target_labels: [B] 1.0 liked / 0.0 not, the BCE target of the score.
         user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecForCausalLM.embed_prompt`].
         user_ids / item_ids: CF ids of each row (metrics; `user_ids` also routes rows to experts).
+        cache / past_key_values / use_cache: the LM's key/value cache, as `GenerationMixin` passes it.
+        logits_to_keep: without labels, which positions get vocabulary logits (int: the last n; default 1).
         return_logits: also return the full vocabulary logits (memory heavy; off for training/eval).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -704,6 +716,13 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 batch_size *= 2
             self.routing_state.weights = routing_weights
 
+        if labels is None and not bool(attention_mask[:, -1].all()):
+            row = (attention_mask[:, -1] == 0).nonzero()[0].item()
+            raise ValueError(
+                f"row {row}: the last column is padding, so the score would be read at a pad token; prompts must be "
+                "left-padded (ThinkRecCollator and ThinkRecProcessor do this; a tokenizer needs padding_side='left')."
+            )
+        lm_kwargs = self._cache_kwargs(cache if cache is not None else past_key_values, use_cache)
         if labels is not None:
             if mode is None or target_labels is None:
                 raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
@@ -713,28 +732,21 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             shifted_labels = labels[:, 1:]
             answer_mask = shifted_labels != IGNORE_INDEX
             predicts_answer = F.pad(answer_mask, (0, 1), value=False)
-            logits_to_keep = 0 if return_logits else predicts_answer
+            keep = 0 if return_logits else predicts_answer
         else:
-            logits_to_keep = 0 if return_logits else 1
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep,
-            use_cache=False,
-            **kwargs,
-        )
-        logits = outputs.logits
+            keep = 0 if return_logits else (1 if logits_to_keep is None else logits_to_keep)
+        logits, lm_cache = self._language_model_logits(inputs_embeds, attention_mask, position_ids, keep, lm_kwargs, kwargs)
         full_logits = None
         if return_logits:
             full_logits = logits
-            logits = logits[predicts_answer] if labels is not None else logits[:, -1]
-        elif labels is None:
-            logits = logits[:, -1]
+            logits = logits[predicts_answer] if labels is not None else logits[:, -1:]
+        elif labels is not None and logits.dim() == 3:
+            logits = logits[predicts_answer]
 
         loss = bce_loss = lm_loss = None
         if labels is None:
-            scores = self._score_logits(logits)
+            scores = self._score_logits(logits[:, -1])
+            full_logits = logits if full_logits is None else full_logits
         else:
             # `logits` is [n_answer_tokens, vocab], rows in batch order; each row's first entry is its score position.
             tokens_per_row = predicts_answer.sum(-1)
@@ -757,7 +769,66 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             bce_loss=bce_loss,
             lm_loss=lm_loss,
             logits=full_logits,
+            # Under the one name this transformers release reads back into the next generation step.
+            **{self._cache_name: lm_cache},
         )
+
+    @functools.cached_property
+    def _lm_forward_parameters(self) -> frozenset:
+        return frozenset(inspect.signature(type(self.language_model).forward).parameters)
+
+    @functools.cached_property
+    def _lm_keeps_logit_rows(self) -> bool:
+        """Whether the LM's forward takes a boolean [batch, seq] `logits_to_keep` (transformers models that
+        slice with `slice_logits_to_keep` do; remote-code or older LMs may not)."""
+        try:
+            return "slice_logits_to_keep" in inspect.getsource(type(self.language_model).forward)
+        except (OSError, TypeError):
+            return False
+
+    @property
+    def _cache_name(self) -> str:
+        """The key/value cache's argument name: `cache` in transformers 5.2x, `past_key_values` before."""
+        return "cache" if "cache" in self._lm_forward_parameters else "past_key_values"
+
+    def _cache_kwargs(self, cache, use_cache) -> dict:
+        kwargs = {"use_cache": bool(use_cache)}
+        if cache is not None:
+            kwargs[self._cache_name] = cache
+        return kwargs
+
+    def _language_model_logits(self, inputs_embeds, attention_mask, position_ids, keep, lm_kwargs, kwargs):
+        """Vocabulary logits at the kept positions: an int keeps the last n columns ([B, n, V]), a boolean
+        [B, T] mask keeps those positions ([n_kept, V]). A backbone that cannot slice by a mask itself
+        gets its rows computed from the decoder's hidden states and the output head."""
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                  **lm_kwargs, **kwargs}
+        is_mask = isinstance(keep, torch.Tensor)
+        if (not is_mask and "logits_to_keep" in self._lm_forward_parameters) or (is_mask and self._lm_keeps_logit_rows):
+            outputs = self.language_model(**inputs, logits_to_keep=keep)
+            return outputs.logits, getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+        outputs = self.language_model.base_model(**inputs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states = hidden_states[keep] if is_mask else (hidden_states[:, -keep:] if keep else hidden_states)
+        logits = self.language_model.get_output_embeddings()(hidden_states)
+        return logits, getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, user_slot_ids=None, item_slot_ids=None, **kwargs):
+        """GenerationMixin's inputs, with the CF slot ids on the first step only: later steps feed the
+        new tokens alone (never slot tokens) and reuse the cache built from the injected prompt."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        # The slots are passed whenever the prompt itself is fed: the first step, or every step without a
+        # cache (transformers 5.2x marks decode steps with `next_sequence_length`; earlier releases with
+        # a `cache_position` that does not start at 0).
+        cache_position = kwargs.get("cache_position")
+        if cache_position is not None:
+            feeds_prompt = int(cache_position[0]) == 0
+        else:
+            feeds_prompt = bool(kwargs.get("is_first_iteration")) or kwargs.get("next_sequence_length") is None
+        if feeds_prompt:
+            model_inputs["user_slot_ids"] = user_slot_ids
+            model_inputs["item_slot_ids"] = item_slot_ids
+        return model_inputs
 
     @torch.no_grad()
     def score(
@@ -793,37 +864,6 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         )
         self.train(was_training)
         return torch.sigmoid(outputs.scores)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        user_slot_ids: torch.LongTensor | None = None,
-        item_slot_ids: torch.LongTensor | None = None,
-        history_item_ids: torch.LongTensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        user_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> torch.LongTensor:
-        """Generate answers (verdict and reason) for left-padded prompts with injected CF vectors.
-        Returns only the new tokens [B, new_length]; uses `self.generation_config` unless given one.
-        `user_ids` route the rows of a model with experts (SASRec models route by `history_item_ids`)."""
-        inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if self.has_experts:
-            # Every decoding step of these rows runs through the same per-row expert mixture.
-            self.routing_state.weights = self.route(user_ids, history_item_ids)
-        # Per-call settings (max_new_tokens, do_sample, ...) override a copy of the saved config.
-        generation_config = copy.deepcopy(generation_config or self.generation_config)
-        model_kwargs = generation_config.update(**kwargs)
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            **model_kwargs,
-        )
 
 
 def add_slot_tokens(tokenizer, user_slot_token: str, item_slot_token: str) -> tuple[int, int]:

@@ -461,6 +461,8 @@ def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], 
             user_ids=batch["user_ids"],
             max_new_tokens=max_new_tokens,
         )
+        # GenerationMixin returns the prompt followed by the answer.
+        new_tokens = new_tokens[:, batch["input_ids"].shape[1]:]
         texts += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts
 

@@ -323,7 +323,9 @@ def test_generate_uses_the_injected_vectors(mf_model):
     generated = model.generate(
         **prompt_inputs, max_new_tokens=3, output_scores=True, output_logits=True, return_dict_in_generate=True
     )
-    assert generated.sequences.shape == (2, 3)
+    # GenerationMixin returns the prompt followed by the new tokens.
+    assert generated.sequences.shape == (2, prompt_inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(generated.sequences[:, : prompt_inputs["input_ids"].shape[1]], prompt_inputs["input_ids"])
     assert model.generation_config.max_new_tokens == 400  # per-call override did not touch the saved config
     # The first generated token comes from the same injected prompt that forward() reads.
     logits = model(**prompt_inputs, return_logits=True).logits[:, -1]
@@ -537,3 +539,66 @@ def test_a_small_checkpoint_refuses_another_base(tmp_path):
     tiny_llama(len(tokenizer) + 7, hidden_size=32, num_attention_heads=2, seed=3).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="not the same backbone"):
         ThinkRecForCausalLM.from_pretrained(tmp_path / "small", base_model_name_or_path=str(tmp_path / "other"))
+
+
+def _wrapped(architecture: str):
+    """A tiny ThinkRec model (MF vectors, LoRA) around a random LM of `architecture`."""
+    from _tiny_model import make_cf_checkpoint, make_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from thinkrec.training.backbones import tiny_llama
+
+    tokenizer = make_tokenizer(with_slots=False)
+    torch.manual_seed(5)
+    if architecture == "llama":
+        language_model, targets = tiny_llama(len(tokenizer), hidden_size=32, num_attention_heads=2, seed=5), ["q_proj", "v_proj"]
+    elif architecture == "qwen2":
+        language_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        targets = ["q_proj", "v_proj"]
+    else:
+        language_model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=512))
+        targets = ["c_attn"]
+    model = ThinkRecForCausalLM.from_language_model(language_model, tokenizer, make_cf_checkpoint("mf", 0))
+    model.add_lora(target_modules=targets)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_generation_goes_through_generation_mixin_with_a_cache(architecture):
+    model, tokenizer = _wrapped(architecture)
+    batch = collate(tokenizer, make_records(3, seed=31), include_answers=False, history_item_slots=True)
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask", "user_slot_ids", "item_slot_ids")}
+    cached = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, use_cache=True)
+    uncached = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, use_cache=False)
+    # The slot vectors go in on the first step only; every later step reuses the cache built from them.
+    assert torch.equal(cached, uncached)
+    first_token = model(**prompt).logits[:, -1].argmax(-1)
+    assert torch.equal(cached[:, prompt["input_ids"].shape[1]], first_token)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_answer_logits_without_a_mask_slicing_backbone_are_the_same(architecture, monkeypatch):
+    model, tokenizer = _wrapped(architecture)
+    batch = collate(tokenizer, make_records(4, seed=32), history_item_slots=True)
+    sliced = model(**batch)
+    # A backbone whose forward cannot take a boolean logits_to_keep: rows come from hidden states + head.
+    monkeypatch.setitem(model.__dict__, "_lm_keeps_logit_rows", False)
+    fallback = model(**batch)
+    torch.testing.assert_close(fallback.loss, sliced.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fallback.scores, sliced.scores, rtol=1e-5, atol=1e-6)
+    full = model(**batch, return_logits=True)
+    torch.testing.assert_close(full.loss, sliced.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_right_padded_prompt_batch_is_refused(mf_model):
+    model, tokenizer = mf_model
+    batch = collate(tokenizer, make_records(2, seed=33), include_answers=False)
+    right_padded = batch["attention_mask"].flip(-1)
+    with pytest.raises(ValueError, match="row .: the last column is padding"):
+        model.score(input_ids=batch["input_ids"].flip(-1), attention_mask=right_padded,
+                    user_slot_ids=batch["user_slot_ids"], item_slot_ids=batch["item_slot_ids"])
