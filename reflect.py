@@ -39,9 +39,9 @@ from thinkrec.reasons.reflection import (
     score_rows,
 )
 from thinkrec.reasons.sources import SynthesisedReasons
+from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
-from thinkrec.utils.dtypes import DTYPES, resolve_dtype
 from thinkrec.utils.errors import ExistingOutputError, InputError, MissingInputError
 from thinkrec.utils.files import atomic_write, write_json
 from thinkrec.utils.subsets import seeded_subset
@@ -78,7 +78,8 @@ class ReflectArguments:
     max_prompt_tokens: Optional[int] = field(default=512, metadata={"help": "As in training: prompt token budget."})
     use_chat_template: bool = field(default=False, metadata={"help": "As in training: wrap prompts in the chat template."})
     batch_size: int = field(default=16, metadata={"help": "Rows per scoring batch."})
-    dtype: str = field(default="float32", metadata={"help": f"Model weights: one of {list(DTYPES)}."})
+    dtype: str = field(default="auto", metadata={"help": f"Model weights: one of {list(DTYPE_CHOICES)} (auto = bfloat16 on a GPU "
+                                                    "that supports it, float32 on CPU; a 4-bit base is reloaded 4-bit)."})
     seed: int = field(default=42, metadata={"help": "Subsets and the synthesiser's phrasing."})
 
 
@@ -87,7 +88,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ReflectArguments, Sour
     reflect_args, source_args = parse_command_args((ReflectArguments, SourceArguments), argv)
     if reflect_args.threshold_metric not in THRESHOLD_METRICS:
         raise InputError(f"threshold_metric must be one of {THRESHOLD_METRICS}, got {reflect_args.threshold_metric!r}.")
-    resolve_dtype(reflect_args.dtype)
+    if reflect_args.dtype not in DTYPE_CHOICES:
+        raise InputError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {reflect_args.dtype!r}.")
     return reflect_args, source_args
 
 
@@ -116,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise MissingInputError(f"model_dir={args.model_dir}: not a ThinkRec model folder (no config.json).")
-    model = ThinkRecForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype]).eval()
+    model = ThinkRecForCausalLM.from_pretrained(args.model_dir, **load_kwargs(args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     template = args.template or ("text_only" if model.config.cf_model_type == "none" else "collaborative")
     collator = ThinkRecCollator(

@@ -51,11 +51,11 @@ from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
+from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
 from thinkrec.training.resume import RunArgumentsCallback, check_resumable, remove_checkpoints, run_arguments
 from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
-from thinkrec.utils.dtypes import DTYPES, resolve_dtype
 from thinkrec.utils.errors import InputError, MissingInputError
 from thinkrec.utils.files import atomic_write, write_json
 from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
@@ -89,7 +89,11 @@ class ModelArguments:
         metadata={"help": "train_collaborative.py output folder: frozen user/item tables for the id slots "
                   "(needed by the projector and joint stages when init_from has none)."},
     )
-    dtype: str = field(default="float32", metadata={"help": f"Backbone weights: one of {list(DTYPES)} (projector and LoRA stay float32)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": f"Backbone weights: one of {list(DTYPE_CHOICES)}; auto = bfloat16 on a GPU that supports it, float32 on "
+                  "CPU (projector, LoRA, experts and CF tables stay float32)."},
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the backbone 4-bit (NF4) through bitsandbytes."})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. 'sdpa', 'eager', 'flash_attention_2'."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -116,7 +120,8 @@ class ModelArguments:
     experts_train_projector: bool = field(default=False, metadata={"help": "experts: train the projector jointly (else frozen)."})
 
     def __post_init__(self):
-        resolve_dtype(self.dtype)
+        if self.dtype not in DTYPE_CHOICES:
+            raise InputError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}.")
         if self.score_type not in SCORE_TYPES:
             raise InputError(f"score_type must be one of {SCORE_TYPES}, got {self.score_type!r}.")
         if self.routing_rule not in ROUTING_RULES:
@@ -268,23 +273,16 @@ def check_same_backbone(model: ThinkRecForCausalLM, name_or_path: str, init_from
             )
 
 
+def model_load_kwargs(model_args: ModelArguments) -> dict:
+    """The one set of loading arguments for the backbone and for `init_from` (whose small checkpoint
+    rebuilds its base with them): precision, 4-bit, attention implementation."""
+    return load_kwargs(model_args.dtype, model_args.load_in_4bit, model_args.attn_implementation, model_args.trust_remote_code)
+
+
 def load_backbone(model_args: ModelArguments):
     """The causal LM and its tokenizer, in the requested precision (4-bit through bitsandbytes)."""
     path = resolve_backbone(model_args.model_name_or_path)
-    kwargs = {"dtype": DTYPES[model_args.dtype], "trust_remote_code": model_args.trust_remote_code}
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    if model_args.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=DTYPES[model_args.dtype] if model_args.dtype != "float32" else torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-        )
-        kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
-    language_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(path, **model_load_kwargs(model_args))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     return language_model, tokenizer, path
 
@@ -312,7 +310,7 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
     if model_args.init_from:
         if not os.path.isfile(os.path.join(model_args.init_from, "config.json")):
             raise MissingInputError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
-        model = ThinkRecForCausalLM.from_pretrained(model_args.init_from, dtype=DTYPES[model_args.dtype])
+        model = ThinkRecForCausalLM.from_pretrained(model_args.init_from, **model_load_kwargs(model_args))
         tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
         if model_args.model_name_or_path is not None:
             check_same_backbone(model, model_args.model_name_or_path, model_args.init_from)
