@@ -1,0 +1,1 @@
+"""Collaborative-filtering encoders (MF, LightGCN; SASRec is in the payload) and their training."""

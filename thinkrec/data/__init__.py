@@ -1,0 +1,1 @@
+"""Interactions in, records out: readers, preparation (labels, splits, histories, negatives), records on disk and the Hub."""

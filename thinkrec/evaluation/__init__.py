@@ -1,0 +1,1 @@
+"""Metrics (AUC, UAUC, ranking, warm / cold) and reporting (plots, model cards)."""

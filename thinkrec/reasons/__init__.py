@@ -1,0 +1,1 @@
+"""Reasons: sources (synthesiser, teachers), reflection and judging."""
