@@ -7,14 +7,14 @@ Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM
 `thinkrec_weights.safetensors` (what the base does not hold: LoRA or experts, projector, frozen CF
 tables and SASRec encoder, router, and the embedding rows of the added slot tokens — megabytes, not
 the backbone), `generation_config.json`, and the code files (`configuration_thinkrec.py`,
-`modeling_thinkrec.py`, `sasrec_thinkrec.py`, `experts_thinkrec.py`) for `trust_remote_code`.
+`modeling_thinkrec.py`, `sasrec_thinkrec.py`, `experts_thinkrec.py`, `processing_thinkrec.py`) for `trust_remote_code`.
 `from_pretrained` loads the base from its reference (any precision, 4-bit included) and applies the
 saved parts. `save_pretrained(dir, full_weights=True)` writes one self-contained `model.safetensors`
 instead (also what a model built around an in-memory LM, with no base reference, writes). A LoRA
 adapter stays *unmerged* (PEFT's `base_layer` / `lora_A.default` names) and is rebuilt from
 `config.lora_config`, so stage 2 can keep training the projector on top of the stage-1 adapter. Save
-the tokenizer (with its slot tokens) into the same folder (Trainer does this for its
-`processing_class`).
+the `ThinkRecProcessor` (templates and the tokenizer with its slot tokens) into the same folder (Trainer
+does this for its `processing_class`); `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` loads it.
 """
 
 import functools
@@ -36,16 +36,19 @@ from transformers.utils import ModelOutput, cached_file
 # This file is imported two ways: as part of a checkpoint's remote code (a package made by
 # transformers, where the files next to it are imported relatively) and as a top-level module of the
 # repository. Only the second kind of failure falls back; a real import error inside a sibling file
-# surfaces as itself.
+# surfaces as itself. The processor is imported so that save_pretrained copies its file with the
+# model's code (AutoProcessor loads it from there).
 try:
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from .experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
+    from .processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from .sasrec_thinkrec import SASRec
 except ImportError:
     if __package__:
         raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
+    from processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from sasrec_thinkrec import SASRec
 
 

@@ -42,11 +42,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
-from data_collator import ThinkRecCollator, load_templates
+from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, load_templates, raw_record, tokenize_dataset
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
 from thinkrec.collaborative.models import load_cf_checkpoint
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.data.records import load_prepared
+from thinkrec.data.records import load_records_dataset
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
@@ -237,17 +237,17 @@ def load_reason_rows(path: str) -> datasets.Dataset:
 
 
 def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
-    """The three splits as `Dataset`s (evaluation subsets keep whole users) and the records' metadata."""
-    records = load_prepared(data_args.records_dir)
-    item_nouns_from_metadata(records.metadata, data_args.records_dir)  # stop before loading a model, not after
+    """The three splits as memory-mapped `Dataset`s (`datasets.load_dataset` of the records folder;
+    evaluation subsets keep whole users) and the records' metadata."""
+    records, metadata = load_records_dataset(data_args.records_dir)
+    item_nouns_from_metadata(metadata, data_args.records_dir)  # stop before loading a model, not after
     splits = {}
     for name, size in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples), ("test", data_args.max_test_samples)):
-        frame = records.splits[name]
-        if len(frame) == 0:
+        rows = records[name]
+        if len(rows) == 0:
             raise InputError(f"{data_args.records_dir}: the {name} split is empty.")
-        frame = seeded_subset(frame, size, seed) if name == "train" else seeded_user_subset(frame, size, seed)
-        splits[name] = datasets.Dataset.from_pandas(frame, preserve_index=False)
-    return splits, records.metadata
+        splits[name] = seeded_subset(rows, size, seed) if name == "train" else seeded_user_subset(rows, size, seed)
+    return splits, metadata
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -448,7 +448,8 @@ def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], 
     texts = []
     model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
+        # Rendered again from the raw fields: cached rows hold the recommendation prompt, not the reason one.
+        batch = collator([raw_record(row) for row in rows[start : start + batch_size]])
         batch = {key: value.to(model.device) for key, value in batch.items()}
         new_tokens = model.generate(
             input_ids=batch["input_ids"],
@@ -569,7 +570,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "seed": training_args.seed,
         **item_nouns_from_metadata(metadata, data_args.records_dir),
     }
-    collator = ThinkRecCollator(tokenizer, **collator_kwargs)
+    # One processor renders and tokenises every record; Trainer saves it (processing_class) with each checkpoint.
+    processor = build_processor(tokenizer, **collator_kwargs)
+    collator = ThinkRecCollator(processor=processor)
 
     train_rows = splits["train"]
     if data_args.reason_records:
@@ -577,6 +580,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
             splits["train"], load_reason_rows(data_args.reason_records), training_args.reasoning_share, training_args.seed
         )
         logger.info("training rows: %d (%d reasoning)", len(train_rows), sum(m == "reason" for m in train_rows["mode"]))
+    # Tokenised once and cached (the main process first, the other ranks read its cache). Training and
+    # validation rows keep the raw columns the loss and metrics read; test rows keep all of them, since
+    # predict renders reasons from the titles and scores the CF model alone from the histories.
+    with training_args.main_process_first(desc="tokenising records"):
+        if training_args.do_train:
+            train_rows = tokenize_dataset(train_rows, processor, keep_columns=METRIC_COLUMNS, desc="tokenising train rows")
+        if training_args.do_eval or training_args.eval_strategy != "no":
+            splits["validation"] = tokenize_dataset(splits["validation"], processor, keep_columns=METRIC_COLUMNS,
+                                                    desc="tokenising validation rows")
+        if training_args.do_predict:
+            splits["test"] = tokenize_dataset(splits["test"], processor, desc="tokenising test rows")
     defining_arguments = run_arguments(model_args, data_args, training_args, metadata)
     callbacks = [RunArgumentsCallback(defining_arguments)]
     if training_args.early_stopping_patience:
@@ -587,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         train_dataset=train_rows if training_args.do_train else None,
         eval_dataset=splits["validation"],
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=processor,
         compute_metrics=metrics_for(splits["validation"]),
         callbacks=callbacks,
     )

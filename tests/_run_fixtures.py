@@ -16,7 +16,7 @@ from thinkrec.data.records import save_prepared
 from thinkrec.training.backbones import smollm2_tokenizer_dir, tiny_llama
 
 
-def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0):
+def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0, output_format="parquet"):
     """Ratings where even items are liked, so a model can learn something in a few steps."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -28,15 +28,15 @@ def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0):
     items = pd.DataFrame({"item": [f"i{i}" for i in range(num_items)], "title": [f"Film {i} ({1960 + i})" for i in range(num_items)],
                           "genres": "", "description": ""})
     records = prepare_records(InteractionLog(interactions, items, "toy"), RecordOptions(split_ratios=[0.6, 0.2, 0.2]))
-    save_prepared(records, directory)
+    save_prepared(records, directory, output_format)
     return records.metadata
 
 
-def write_backbone(directory, seed=0):
+def write_backbone(directory, seed=0, hidden_size=32):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
-    model = tiny_llama(len(tokenizer), hidden_size=32, num_attention_heads=2, seed=seed)
+    model = tiny_llama(len(tokenizer), hidden_size=hidden_size, num_attention_heads=2, seed=seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -304,19 +304,42 @@ def test_two_cpu_ranks_train_identical_weights_and_evaluate_every_row_once(asset
     assert evaluation["eval_n_rows"] == assets["metadata"]["rows"]["validation"]  # gathered from both ranks, once
 
 
-def test_qlora_4bit_backbone_trains(assets, tmp_path):
-    bitsandbytes = pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def test_qlora_stage1_to_stage2_to_reflect_reloads_the_4bit_base(assets, tmp_path):
+    """A QLoRA checkpoint reloads with its quantisation (it used to fail: "FP4 quantization state not
+    initialized"), feeds stage 2 and reflect.py, and scores the same after reload."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoTokenizer
 
-    try:
-        AutoModelForCausalLM.from_pretrained(
-            assets["backbone"], quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
-        )
-    except (RuntimeError, ImportError, ValueError, NotImplementedError) as error:
-        pytest.skip(f"bitsandbytes {bitsandbytes.__version__} cannot load 4-bit weights on this device: {error}")
-    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), load_in_4bit=True, max_steps=2)
-    results = run(tmp_path, args)
+    import reflect
+    from data_collator import ThinkRecCollator
+    from modeling_thinkrec import ThinkRecForCausalLM
+
+    # bitsandbytes' CPU 4-bit inference kernel works in blocks of 64 inputs: a hidden size of 128, not 32.
+    backbone = write_backbone(tmp_path / "backbone128", hidden_size=128)
+    stage1 = tmp_path / "stage1"
+    run(tmp_path, arguments(assets, stage1, model_name_or_path=str(backbone), load_in_4bit=True, max_steps=2,
+                            do_predict=True), "s1.json")
+    config = json.loads((stage1 / "config.json").read_text())
+    assert config["text_config"]["quantization_config"]["load_in_4bit"] is True
+    reloaded = ThinkRecForCausalLM.from_pretrained(stage1).eval()
+    assert any(isinstance(module, Linear4bit) for module in reloaded.modules())
+    tokenizer = AutoTokenizer.from_pretrained(stage1)
+    rows = load_prepared(assets["records"]).splits["test"].to_dict("records")[:4]
+    scores = reloaded.score(**ThinkRecCollator(tokenizer, template="text_only")(rows))
+    predictions = pd.read_parquet(stage1 / "test_predictions.parquet")
+    np.testing.assert_allclose(scores.numpy(), predictions["score"].to_numpy()[:4], rtol=1e-4, atol=1e-5)
+
+    stage2 = tmp_path / "stage2"
+    results = run(tmp_path, arguments(assets, stage2, init_from=str(stage1), cf_checkpoint=str(assets["mf"]), stage="projector",
+                                      load_in_4bit=True, max_steps=1), "s2.json")
     assert results["train"]["train_loss"] > 0
+    assert any(isinstance(m, Linear4bit) for m in ThinkRecForCausalLM.from_pretrained(stage2).modules())
+    (tmp_path / "reflect.json").write_text(json.dumps({
+        "model_dir": str(stage2), "records_dir": str(assets["records"]), "output_path": str(tmp_path / "reasons.parquet"),
+        "max_train_samples": 12, "history_item_slots": False,
+    }))
+    summary = reflect.main([str(tmp_path / "reflect.json")])
+    assert summary["rows_scored"] == 12
 
 
 def test_experts_stage_trains_all_experts_in_one_run_and_reloads_to_the_same_scores(stage1, assets, tmp_path):
@@ -378,3 +401,56 @@ def test_a_checkpoint_of_another_run_is_not_resumed(assets, tmp_path):
     run(tmp_path, arguments(assets, out, learning_rate=5e-3, overwrite_output_dir=True, **common), "d.json")
     saved = json.loads((out / "checkpoint-2" / "thinkrec_run_arguments.json").read_text())
     assert saved["training"]["learning_rate"] == 5e-3
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "jsonl"])
+def test_splits_are_memory_mapped_records_with_seeded_user_subsets(tmp_path, output_format):
+    from _run_fixtures import write_records
+
+    from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
+
+    write_records(tmp_path / "records", output_format=output_format)
+    data_args = run_thinkrec.DataArguments(records_dir=str(tmp_path / "records"), max_train_samples=20, max_eval_samples=10,
+                                           max_test_samples=10)
+    splits, metadata = run_thinkrec.load_splits(data_args, seed=3)
+    frames = load_prepared(tmp_path / "records").splits
+    assert metadata["output_format"] == output_format
+    for name, subset in (("train", seeded_subset), ("validation", seeded_user_subset), ("test", seeded_user_subset)):
+        assert splits[name].cache_files, "read through load_dataset's Arrow cache, not from pandas"
+        expected = subset(frames[name], {"train": 20, "validation": 10, "test": 10}[name], 3)
+        for column in ("UserID", "TargetItemID", "label", "HisItemIDs", "HisItemTitles"):
+            assert splits[name][column] == [list(v) if isinstance(v, np.ndarray) else v for v in expected[column]], (name, column)
+    # Evaluation subsets keep every row of the users they pick.
+    users = set(splits["test"]["UserID"])
+    assert sum(frames["test"]["UserID"].isin(users)) == len(splits["test"])
+
+
+def test_runs_save_the_processor_with_the_model_and_every_checkpoint(stage1, assets):
+    from transformers import AutoProcessor
+
+    from data_collator import ThinkRecCollator
+
+    output_dir, _ = stage1
+    for folder in (output_dir, *output_dir.glob("checkpoint-*")):
+        for name in ("processor_config.json", "processing_thinkrec.py", "tokenizer.json"):
+            assert (folder / name).is_file(), folder / name
+    processor = AutoProcessor.from_pretrained(output_dir, trust_remote_code=True)
+    assert processor.templates[0].startswith("#Question:") and processor.reason_templates and processor.max_prompt_tokens == 512
+    rows = datasets.load_dataset(str(assets["records"]), split="test").select(range(5)).to_list()
+    expected = ThinkRecCollator(processor.tokenizer, template="text_only", max_prompt_tokens=512, seed=7)(rows)
+    found = processor(rows, include_answers=True)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+
+
+def test_records_rewritten_in_place_are_read_again_not_served_from_the_cache(assets, tmp_path):
+    # datasets keys a local folder's cache by its name and file names; this folder has the same ones.
+    records = tmp_path / "records"
+    shutil.copytree(assets["records"], records)
+    run_thinkrec.load_splits(run_thinkrec.DataArguments(records_dir=str(assets["records"])), seed=0)
+    metadata = json.loads((records / "metadata.json").read_text())
+    train_file = records / metadata["files"]["train"]
+    pd.read_parquet(train_file).head(10).to_parquet(train_file)
+    splits, _ = run_thinkrec.load_splits(run_thinkrec.DataArguments(records_dir=str(records)), seed=0)
+    assert len(splits["train"]) == 10
+    splits, _ = run_thinkrec.load_splits(run_thinkrec.DataArguments(records_dir=str(assets["records"])), seed=0)
+    assert len(splits["train"]) == assets["metadata"]["rows"]["train"]

@@ -236,8 +236,8 @@ def _read_frame(path: Path, output_format: str) -> pd.DataFrame:
     return pd.read_json(path, lines=True, dtype=False)
 
 
-def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
-    """Read a folder written by :func:`save_prepared` (or ``prepare_data.py``) into pandas frames."""
+def read_metadata(directory: os.PathLike | str) -> dict:
+    """``metadata.json`` of a prepared folder, after checking that the files it names are there."""
     directory = Path(directory)
     metadata_path = directory / "metadata.json"
     if not metadata_path.is_file():
@@ -245,10 +245,55 @@ def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
             f"{directory} is not a prepared records folder (no metadata.json). Run prepare_data.py --output_dir {directory} first."
         )
     metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    output_format, files = metadata.get("output_format", "parquet"), metadata.get("files", {})
+    files = metadata.get("files", {})
     missing = [name for name in (*SPLITS, "items", "users") if name not in files or not (directory / files[name]).is_file()]
     if missing:
         raise MissingInputError(f"{metadata_path}: files for {missing} are missing; prepare the folder again.")
+    return metadata
+
+
+def _count_rows(path: Path, output_format: str) -> int:
+    if output_format == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def load_records_dataset(directory: os.PathLike | str) -> tuple[datasets.DatasetDict, dict]:
+    """The train / validation / test splits of a prepared folder as memory-mapped ``datasets`` (read
+    through the folder's dataset card, cached by ``datasets``), and its metadata. An empty split comes
+    back empty (with the record features)."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    output_format, files = metadata.get("output_format", "parquet"), metadata["files"]
+    rows = {split: _count_rows(directory / files[split], output_format) for split in SPLITS}
+    present = [split for split in SPLITS if rows[split]]
+
+    def load(**kwargs) -> dict:
+        if len(present) == len(SPLITS):
+            return dict(datasets.load_dataset(str(directory), **kwargs))
+        # pyarrow cannot scan an empty Parquet file: read the other splits only.
+        return dict(datasets.load_dataset(str(directory), data_files={split: files[split] for split in present}, **kwargs)) if present else {}
+
+    splits = load()
+    stale = [split for split in present if len(splits[split]) != rows[split]]
+    if stale:
+        # datasets keys a local folder's cache by folder and file names: a file rewritten in place under
+        # its old name (prepare_data.py never does this) would be served from the old cache.
+        logger.warning("%s: the datasets cache of %s is out of date (row counts differ); reading the files again", directory, stale)
+        splits = load(download_mode="force_redownload", verification_mode="no_checks")
+    features = record_features(metadata.get("embeddings"))
+    for split in SPLITS:
+        if split not in present:
+            splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.DatasetDict({split: splits[split] for split in SPLITS}), metadata
+
+
+def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
+    """Read a folder written by :func:`save_prepared` (or ``prepare_data.py``) into pandas frames."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    output_format, files = metadata.get("output_format", "parquet"), metadata["files"]
     read = lambda name: _read_frame(directory / files[name], output_format)  # noqa: E731
     return LoadedRecords(
         splits={split: read(split) for split in SPLITS},

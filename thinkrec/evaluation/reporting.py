@@ -154,12 +154,14 @@ at the last prompt position.
 ## Use
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoProcessor
 
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-# Build batches with the repository's data_collator.ThinkRecCollator, then:
-# probabilities = model.score(**batch)          # P("Yes") per row, one forward pass
-# answers = model.generate(**prompt_only_batch)  # verdict and reason
+record = {{"UserID": 4, "HisItemIDs": [10, 3], "HisItemTitles": ["...", "..."], "TargetItemID": 5, "TargetItemTitle": "..."}}
+p_yes = model.score(**processor(record)).item()          # P("Yes"), one forward pass
+prompt = processor(record, mode="reason")                  # the prompt that asks for the reason
+answer = model.generate(**prompt, max_new_tokens=128)[0, prompt["input_ids"].shape[1]:]
+print(processor.decode(answer, skip_special_tokens=True))
 ```
 """

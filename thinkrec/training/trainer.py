@@ -10,6 +10,7 @@ from typing import Optional
 import datasets
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 from transformers import EvalPrediction, Trainer
 
 from thinkrec.evaluation.metrics import compute_metrics
@@ -20,6 +21,8 @@ class ThinkRecTrainer(Trainer):
 
     Evaluation never gathers vocabulary logits: `prediction_step` returns the per-row score logits
     (one float per row) and the 0/1 targets; `compute_metrics` turns them into AUC / UAUC / NDCG.
+    Tokenised evaluation rows (`prompt_length` / `answer_length` columns) are scored longest first, so a
+    batch holds rows of similar length; predictions come back, and metrics see them, in dataset order.
     The model sets `accepts_loss_kwargs = False`, so gradient accumulation divides its per-batch
     mean loss by the number of accumulation steps (tests/test_modeling.py proves the equivalence).
     """
@@ -65,6 +68,31 @@ class ThinkRecTrainer(Trainer):
             self._loss_part_count = 0
         super().log(logs, start_time)
 
+    def _get_eval_sampler(self, eval_dataset):
+        order = length_order(eval_dataset)
+        return LengthSortedSampler(order) if order is not None else super()._get_eval_sampler(eval_dataset)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        # The sampler's order, recomputed from the same columns: a cached dataloader keeps its sampler.
+        order = length_order(getattr(dataloader, "dataset", None))
+        if order is None:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        restore = np.argsort(order, kind="stable")
+        compute_metrics = self.compute_metrics
+        if compute_metrics is not None:
+            self.compute_metrics = lambda prediction: compute_metrics(EvalPrediction(
+                predictions=_in_dataset_order(prediction.predictions, restore),
+                label_ids=_in_dataset_order(prediction.label_ids, restore),
+                inputs=prediction.inputs,
+                losses=prediction.losses,
+            ))
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        finally:
+            self.compute_metrics = compute_metrics
+        return output._replace(predictions=_in_dataset_order(output.predictions, restore),
+                               label_ids=_in_dataset_order(output.label_ids, restore))
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
@@ -73,6 +101,36 @@ class ThinkRecTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         return loss, outputs.scores.detach().float(), inputs["target_labels"].detach().float()
+
+
+class LengthSortedSampler(Sampler):
+    """Yields the given row order (evaluation rows sorted by length: batches of similar rows pad less)."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def length_order(dataset) -> Optional[np.ndarray]:
+    """Rows of a tokenised dataset by prompt length, then answer length, longest first (ties keep their
+    order); None for a dataset without those columns (raw records)."""
+    if not isinstance(dataset, datasets.Dataset) or not {"prompt_length", "answer_length"} <= set(dataset.column_names):
+        return None
+    prompt_length = np.asarray(dataset["prompt_length"], dtype=np.int64)
+    answer_length = np.asarray(dataset["answer_length"], dtype=np.int64)
+    return np.lexsort((-answer_length, -prompt_length))
+
+
+def _in_dataset_order(values, restore: np.ndarray):
+    """Per-row arrays gathered in sampler order, put back in dataset order (other values as they are)."""
+    if isinstance(values, np.ndarray) and values.ndim >= 1 and len(values) == len(restore):
+        return values[restore]
+    return values
 
 
 # What evaluation during training logs; the full table (every k, counts) is written at predict time.
