@@ -24,15 +24,23 @@ def seeded_subset(rows: Rows, size: Optional[int], seed: int) -> Rows:
 
 
 def seeded_user_rows(users: np.ndarray, size: Optional[int], seed: int) -> Optional[np.ndarray]:
-    """Sorted positions of every row of a seeded random set of users: users are added in a seeded order
-    while their rows fit in `size` (at least one user); None: keep them all."""
+    """Sorted positions of every row of a seeded random set of users: users are taken in a seeded order,
+    each one whose rows still fit in `size` (a user too large to fit is passed over, so a few heavy
+    users do not crowd out the rest; the first user is kept if none fits); None: keep them all."""
     if size is None or size >= len(users):
         return None
     unique, inverse, counts = np.unique(np.asarray(users), return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(unique))
-    fitting = int(np.searchsorted(np.cumsum(counts[order]), size, side="right"))
     chosen = np.zeros(len(unique), dtype=bool)
-    chosen[order[: max(fitting, 1)]] = True
+    room = size
+    for user in order:
+        if counts[user] <= room:
+            chosen[user] = True
+            room -= counts[user]
+            if room == 0:
+                break
+    if not chosen.any():
+        chosen[order[0]] = True
     return np.flatnonzero(chosen[inverse.reshape(-1)])
 
 
