@@ -239,3 +239,27 @@ def test_ml1m_collm_split_reads():
     presplit = read_collm_splits(BENCHMARK_DATA)
     assert {k: len(v) for k, v in presplit.splits.items()} == {"train": 33_891, "validation": 10_401, "test": 7_331}
     assert len(presplit.items) == 3_255
+
+
+def test_recbole_sequence_files_are_read_with_order_as_time(tmp_path):
+    """RecBole's sequential benchmark files hold one user's sequence per line and no timestamp; they used
+    to stop with "no timestamp field"."""
+    from thinkrec.data.readers import read_recbole_atomic
+
+    inter = tmp_path / "games.train.inter"
+    inter.write_text(
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+        "u1\ta b c\td\n"
+        "u2\tc\ta\n"
+        "u2\tc a\tb\n",  # a prefix line of the same user (RecBole writes one per target): the longest wins
+        encoding="utf-8",
+    )
+    log = read_recbole_atomic(inter)
+    frame = log.interactions.sort_values(["user", "timestamp"])
+    assert frame.groupby("user")["item"].apply(list).to_dict() == {"u1": ["a", "b", "c", "d"], "u2": ["c", "a", "b"]}
+    assert frame.groupby("user")["timestamp"].apply(list).to_dict() == {"u1": [0, 1, 2, 3], "u2": [0, 1, 2]}
+    assert "rating" not in frame and "label" not in frame  # implicit: negatives are sampled at preparation
+
+    inter.write_text("user_id:token\titem_id_list:token_seq\titem_id:token\nu1\ta b\tc\nu1\tx\ty\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="user 'u1'.*not a prefix"):
+        read_recbole_atomic(inter)

@@ -325,6 +325,25 @@ def bundled_ml100k_dir() -> Path:
     return folder
 
 
+def _sequence_interactions(frame: pd.DataFrame, user: str, sequence: str, item: str, path: Path) -> pd.DataFrame:
+    """Interactions of a RecBole sequence file (`item_id_list:token_seq` + target `item_id`, one line per
+    user or per prefix of the user's sequence): each user's longest line, exploded, position as time."""
+    users = _id_column(frame[user], path, user)
+    sequences = [f"{history} {target}".split() for history, target in zip(frame[sequence], frame[item])]
+    longest: dict[str, list[str]] = {}
+    for row, (name, items) in enumerate(zip(users, sequences)):
+        kept = longest.get(name)
+        shorter, longer = (items, kept) if kept is not None and len(items) <= len(kept) else (kept, items)
+        if shorter is not None and longer[: len(shorter)] != shorter:
+            raise DataFormatError(
+                f"{path}: line {row + 2}, user {name!r}: the sequence {' '.join(items[:5])} ... is not a prefix of the "
+                "user's other line (a sequence file holds one sequence per user, or prefixes of it)."
+            )
+        longest[name] = longer
+    exploded = [(name, value, position) for name, items in longest.items() for position, value in enumerate(items)]
+    return pd.DataFrame(exploded, columns=["user", "item", "timestamp"]).astype({"timestamp": "int64"})
+
+
 def read_recbole_atomic(
     inter_path: os.PathLike | str,
     item_path: Optional[os.PathLike | str] = None,
@@ -338,7 +357,9 @@ def read_recbole_atomic(
 
     Fields are found by RecBole's usual names (``user_id``, ``item_id``, ``rating``,
     ``timestamp``, ``movie_title``/``title``, ``release_year``, ``class``/``categories``);
-    pass a field name to override. A release year, when present, is appended to the title as
+    pass a field name to override. A sequence file (``item_id_list:token_seq`` + ``item_id``, no
+    timestamp: RecBole's sequential benchmarks) is read as each user's sequence in order, the
+    position standing for time. A release year, when present, is appended to the title as
     ``"Title (1995)"``, the MovieLens convention the prompts use.
     """
     inter_path = _require_file(inter_path, "RecBole interaction file")
@@ -351,18 +372,22 @@ def read_recbole_atomic(
     _require_columns(frame, {"user": user, "item": item, "rating": rating, "timestamp": time}, inter_path)
     if user is None or item is None:
         raise DataFormatError(f"{inter_path}: needs user and item fields (user_id:token, item_id:token); header has {list(types)}.")
-    if time is None:
+    sequence = next((name for name, kind in types.items() if kind == "token_seq"), None)
+    if time is None and sequence is not None:
+        interactions = _sequence_interactions(frame, user, sequence, item, inter_path)
+    elif time is None:
         raise DataFormatError(
             f"{inter_path}: no timestamp field (looked for 'timestamp'); temporal splits and histories need one. "
             f"Header has {list(types)}; pass time_field=NAME."
         )
-    interactions = pd.DataFrame(
-        {
-            "user": _id_column(frame[user], inter_path, user),
-            "item": _id_column(frame[item], inter_path, item),
-            "timestamp": _timestamp_column(frame[time], inter_path, time),
-        }
-    )
+    else:
+        interactions = pd.DataFrame(
+            {
+                "user": _id_column(frame[user], inter_path, user),
+                "item": _id_column(frame[item], inter_path, item),
+                "timestamp": _timestamp_column(frame[time], inter_path, time),
+            }
+        )
     if rating is not None:
         interactions["rating"] = _numeric_column(frame[rating], inter_path, rating)
     elif label is not None:
