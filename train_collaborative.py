@@ -9,6 +9,11 @@ Prints validation and test AUC / UAUC / NDCG@5 (all, warm, cold), writes
 (``model.safetensors`` + ``cf_config.json``) that the LLM loads with
 ``thinkrec.collaborative.models.load_cf_checkpoint``. With ``grid``, every combination is trained and the
 best on validation AUC is kept; the test split is scored once, for the kept model only.
+
+Regularisation touches only the rows a batch reads (``embedding_l2``; sparse updates for MF's and
+SASRec's tables), so the defaults (``REPRODUCTION_DEFAULTS``, printed by ``--help``) work on ML-1M
+and on logs of 50k users alike. An encoder whose validation AUC stays at chance for the first
+``chance_epochs`` epochs stops with a message naming the settings to change, and nothing is saved.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ import pandas as pd
 import torch
 
 from thinkrec.collaborative.models import MODEL_TYPES, checkpoint_from_model, save_cf_checkpoint
-from thinkrec.collaborative.training import FitConfig, FitResult, build_model, score_split, set_seed, split_from_records, train_pointwise
+from thinkrec.collaborative.training import (
+    EncoderAtChanceError,
+    FitConfig,
+    FitResult,
+    build_model,
+    score_split,
+    set_seed,
+    split_from_records,
+    train_pointwise,
+)
 from thinkrec.data.preparation import SPLITS
 from thinkrec.data.records import load_prepared
 from thinkrec.evaluation.metrics import compute_metrics
@@ -37,14 +51,23 @@ from thinkrec.utils.files import atomic_write, write_json
 logger = logging.getLogger(__name__)
 
 
-# Defaults that reproduce the published ML-1M (CoLLM split) numbers, chosen on validation AUC
-# (benchmarks/reproduce_cf.py). A field left unset takes its model's value from here.
+# Defaults per encoder, chosen on validation AUC so that each learns both on the ML-1M CoLLM split
+# (benchmarks/reproduce_cf.py, against the published numbers) and on a ~50k-user implicit log
+# (benchmarks/cf_scale.py). A field left unset takes its model's value from here, and --help prints
+# these values. embedding_l2: the L2 term on the embedding rows of each batch; weight_decay: dense
+# parameters only (SASRec's layers; MF and LightGCN have none).
 REPRODUCTION_DEFAULTS = {
-    "mf": {"embedding_dim": 256, "learning_rate": 1e-3, "weight_decay": 1e-4, "batch_size": 256},
-    "lightgcn": {"embedding_dim": 64, "learning_rate": 1e-3, "weight_decay": 1e-4, "batch_size": 1024},
-    "sasrec": {"embedding_dim": 64, "learning_rate": 1e-3, "weight_decay": 1e-3, "batch_size": 1024},
+    "mf": {"embedding_dim": 256, "learning_rate": 3e-3, "embedding_l2": 5e-2, "weight_decay": 0.0, "batch_size": 1024},
+    "lightgcn": {"embedding_dim": 64, "learning_rate": 1e-3, "embedding_l2": 1e-3, "weight_decay": 0.0, "batch_size": 1024},
+    "sasrec": {"embedding_dim": 64, "learning_rate": 1e-3, "embedding_l2": 0.2, "weight_decay": 1e-3, "batch_size": 1024},
 }
-GRID_KEYS = ("embedding_dim", "learning_rate", "weight_decay", "batch_size", "num_layers", "dropout", "num_blocks")
+GRID_KEYS = ("embedding_dim", "learning_rate", "embedding_l2", "weight_decay", "batch_size", "num_layers", "dropout", "num_blocks")
+
+
+def _per_model_default(name: str) -> str:
+    """'unset (None) = the model's default: mf 256, lightgcn 64, sasrec 64', from REPRODUCTION_DEFAULTS."""
+    values = ", ".join(f"{model_type} {REPRODUCTION_DEFAULTS[model_type][name]:g}" for model_type in MODEL_TYPES)
+    return f"Unset (None) takes the model's default: {values}."
 
 
 @dataclass
@@ -62,7 +85,7 @@ class DataArguments:
 @dataclass
 class ModelArguments:
     model_type: Literal["mf", "lightgcn", "sasrec"] = field(default="mf", metadata={"help": "Encoder: 'mf', 'lightgcn' or 'sasrec'."})
-    embedding_dim: int | None = field(default=None, metadata={"help": "Table / hidden size. Default: 256 for mf, 64 for lightgcn and sasrec."})
+    embedding_dim: int | None = field(default=None, metadata={"help": "Table / hidden size. " + _per_model_default("embedding_dim")})
     num_layers: int = field(default=2, metadata={"help": "LightGCN propagation layers."})
     num_blocks: int = field(default=2, metadata={"help": "SASRec self-attention blocks."})
     num_heads: int = field(default=1, metadata={"help": "SASRec attention heads."})
@@ -84,12 +107,31 @@ class ModelArguments:
 @dataclass
 class CFTrainingArguments:
     output_dir: str = field(metadata={"help": "Where the checkpoint, test predictions and metrics are written."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Adam learning rate. Default: the model's reproduction value (1e-3)."})
-    weight_decay: float | None = field(default=None, metadata={"help": "L2 weight decay. Default: the model's reproduction value."})
-    batch_size: int | None = field(default=None, metadata={"help": "Training batch size. Default: the model's reproduction value (1024)."})
-    optimizer: Literal["adam", "adamw"] = field(default="adam", metadata={"help": "'adam' (L2 in the gradient, as CoLLM) or 'adamw' (decoupled)."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate (SparseAdam for looked-up tables, Adam for the rest). " + _per_model_default("learning_rate")}
+    )
+    embedding_l2: float | None = field(
+        default=None,
+        metadata={"help": "L2 on the embedding rows each batch looks up (users, target items, SASRec history items): "
+                  "coefficient x sum of their squared norms / batch rows. Rows outside the batch are not touched. "
+                  + _per_model_default("embedding_l2")},
+    )
+    weight_decay: float | None = field(
+        default=None,
+        metadata={"help": "Adam(W) weight decay on dense parameters only (SASRec's attention, feed-forward, norm and position "
+                  "weights); MF and LightGCN have none (a non-zero value is an error). " + _per_model_default("weight_decay")},
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "Training batch size. " + _per_model_default("batch_size")})
+    optimizer: Literal["adam", "adamw"] = field(
+        default="adam", metadata={"help": "Optimizer of the dense parameters: 'adam' (L2 in the gradient) or 'adamw' (decoupled)."}
+    )
     max_epochs: int = field(default=200, metadata={"help": "Upper bound on epochs; early stopping usually ends sooner."})
     patience: int = field(default=10, metadata={"help": "Stop after this many epochs without a better validation AUC."})
+    chance_epochs: int = field(
+        default=3,
+        metadata={"help": "Stop with an error, saving nothing, when validation AUC stays within 0.01 of 0.5 for each of the "
+                  "first chance_epochs epochs (the settings do not let the encoder learn). 0 = never."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation and shuffling."})
     eval_batch_size: int = field(default=8192, metadata={"help": "Rows per batch when scoring a whole split."})
     num_threads: int = field(
@@ -119,6 +161,14 @@ class CFTrainingArguments:
                     raise InputError(f"grid[{key!r}] must be a non-empty list, found {values!r}")
         if self.num_threads < 0:
             raise InputError(f"num_threads must be >= 0, found {self.num_threads}")
+        if self.chance_epochs < 0:
+            raise InputError(f"chance_epochs must be >= 0, found {self.chance_epochs}")
+        for name in ("learning_rate", "embedding_l2", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or (name == "learning_rate" and value == 0)):
+                raise InputError(f"{name} must be {'> 0' if name == 'learning_rate' else '>= 0'}, found {value}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, found {self.batch_size}")
         for name in ("max_epochs", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, found {getattr(self, name)}")
@@ -144,15 +194,22 @@ class TrainingOutcome:
 def fit_config_for(model_type: str, training_args: CFTrainingArguments) -> FitConfig:
     """FitConfig from the arguments, unset fields taken from the model's reproduction defaults."""
     defaults = REPRODUCTION_DEFAULTS[model_type]
+
+    def pick(name):
+        value = getattr(training_args, name)
+        return defaults[name] if value is None else value
+
     return FitConfig(
-        learning_rate=training_args.learning_rate if training_args.learning_rate is not None else defaults["learning_rate"],
-        weight_decay=training_args.weight_decay if training_args.weight_decay is not None else defaults["weight_decay"],
-        batch_size=training_args.batch_size if training_args.batch_size is not None else defaults["batch_size"],
+        learning_rate=pick("learning_rate"),
+        embedding_l2=pick("embedding_l2"),
+        weight_decay=pick("weight_decay"),
+        batch_size=pick("batch_size"),
         max_epochs=training_args.max_epochs,
         patience=training_args.patience,
         optimizer=training_args.optimizer,
         seed=training_args.seed,
         eval_batch_size=training_args.eval_batch_size,
+        chance_epochs=training_args.chance_epochs,
     )
 
 
@@ -180,8 +237,9 @@ def train_and_evaluate(
     max_len = model_args.max_len if model_args.model_type == "sasrec" else None
     splits = {name: split_from_records(frames[name], name, max_len) for name in SPLITS}
     base_fit = fit_config_for(model_args.model_type, training_args)
-    best, grid_results = None, []
-    for setting in _grid_settings(training_args.grid):
+    best, grid_results, at_chance = None, [], []
+    settings = _grid_settings(training_args.grid)
+    for setting in settings:
         run_model_args = replace(model_args, **{key: value for key, value in setting.items() if hasattr(model_args, key)})
         fit_config = replace(base_fit, **{key: value for key, value in setting.items() if hasattr(base_fit, key)})
         set_seed(fit_config.seed)
@@ -190,11 +248,24 @@ def train_and_evaluate(
             num_layers=run_model_args.num_layers, num_blocks=run_model_args.num_blocks,
             num_heads=run_model_args.num_heads, max_len=run_model_args.max_len, dropout=run_model_args.dropout,
         )
-        fit = train_pointwise(model, splits["train"], splits["validation"], fit_config)
+        try:
+            fit = train_pointwise(model, splits["train"], splits["validation"], fit_config)
+        except EncoderAtChanceError as error:
+            if len(settings) == 1:
+                raise
+            # In a grid, a setting that does not learn is reported and skipped; all of them failing is an error.
+            logger.warning("setting %s: %s", setting, error)
+            at_chance.append((setting, error))
+            grid_results.append({**setting, "valid_auc": max(error.valid_auc_history, default=0.5), "stopped": "validation AUC at chance"})
+            continue
         logger.info("setting %s: valid AUC %.4f (epoch %d), %.1fs", setting, fit.best_valid_auc, fit.best_epoch, fit.train_seconds)
         grid_results.append({**setting, "valid_auc": fit.best_valid_auc, "best_epoch": fit.best_epoch, "train_seconds": fit.train_seconds})
         if best is None or fit.best_valid_auc > best[3].best_valid_auc:
             best = (model, run_model_args, fit_config, fit)
+    if best is None:
+        raise EncoderAtChanceError(
+            f"every grid setting stayed at chance ({[setting for setting, _ in at_chance]}); the last one: {at_chance[-1][1]}"
+        )
     model, run_model_args, fit_config, fit = best
     valid_metrics, _ = _split_metrics(model, splits["validation"], fit_config.eval_batch_size)
     test_metrics, test_scores = _split_metrics(model, splits["test"], fit_config.eval_batch_size)

@@ -203,6 +203,7 @@ def write_prepared_dir(directory: Path, frames: dict[str, pd.DataFrame]) -> Path
     users = pd.DataFrame({"UserID": np.arange(1, NUM_USERS), "original_id": [str(u) for u in range(1, NUM_USERS)]})
     metadata = {"num_users": NUM_USERS, "num_items": NUM_ITEMS, "padding_id": 0, "max_history": 10,
                 "history_mode": "positives", "split_mode": "random", "source": "synthetic parity",
+                "item_noun": "item", "item_noun_plural": "items",
                 "rows": {name: len(frame) for name, frame in frames.items()},
                 "positive_rate": {name: float(frame["label"].mean()) for name, frame in frames.items()}}
     splits = {name: pa.Table.from_pandas(frame, preserve_index=False) for name, frame in frames.items()}
@@ -267,6 +268,9 @@ def test_arguments_validate_and_example_configs_parse(tmp_path):
         assert model_args.model_type == model_type
         fit = train_collaborative.fit_config_for(model_type, training_args)
         assert fit.learning_rate > 0 and fit.batch_size > 0
+        # The examples spell out the defaults, so they must be the same values.
+        for key, value in train_collaborative.REPRODUCTION_DEFAULTS[model_type].items():
+            assert config[key] == value, f"examples/cf_{model_type}.json: {key} {config[key]} != default {value}"
 
 
 BENCHMARK_DATA = Path(os.environ.get("ML1M_COLLM_DIR", REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"))
@@ -303,3 +307,136 @@ def test_reproduction_benchmark_skips_missing_ml1m_and_ends_with_json(tmp_path, 
     fake_row = {"valid_auc": 0.7, "test_auc": 0.65, "test_uauc": 0.64, "warm_auc": 0.7, "cold_auc": 0.5, "train_seconds": 3.0}
     table = reproduce_cf.results_table({"ml1m-collm": {"mf": fake_row}})
     assert "0.6482/0.6361" in table and "+0.0018" in table
+
+
+# ---- Encoders that learn at real sizes, and say so when they do not (issue 11, items 4 and 6) ----
+
+
+def load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model_type", ["mf", "lightgcn", "sasrec"])
+def test_regulariser_and_updates_leave_rows_outside_every_batch_untouched(model_type, records, tmp_path):
+    """Rows that no batch reads (ids past the data's largest) keep their exact initial values under
+    the default regularisation, while the rows the batches read do move. Whole-table weight decay
+    moved every row at every step."""
+    from dataclasses import replace
+
+    splits = splits_for(records, max_len=10 if model_type == "sasrec" else None)
+    extra = 3
+    set_seed(0)
+    model = build_model(model_type, NUM_USERS + extra, NUM_ITEMS + extra, 16, splits["train"], max_len=10, dropout=0.1)
+    defaults = train_collaborative.fit_config_for(model_type, train_collaborative.CFTrainingArguments(output_dir=str(tmp_path)))
+    assert defaults.weight_decay > 0 or getattr(defaults, "embedding_l2", 0) > 0, "the defaults regularise something"
+    fit = replace(defaults, learning_rate=1e-2, batch_size=64, max_epochs=3, patience=3, seed=0)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    train_pointwise(model, splits["train"], splits["validation"], fit)
+    after = model.state_dict()
+    tables = ["item_embedding.weight"] + ([] if model_type == "sasrec" else ["user_embedding.weight"])
+    for name in tables:
+        unseen = slice(-extra, None)
+        assert torch.equal(after[name][unseen], before[name][unseen]), f"{name}: rows in no batch changed"
+        assert torch.all(after[name][0] == 0), f"{name}: the padding row changed"
+        assert not torch.equal(after[name][1:-extra], before[name][1:-extra]), f"{name}: the batch rows did not learn"
+
+
+def chance_records() -> dict[str, pd.DataFrame]:
+    """Learnable train rows, but a validation split whose rows are all one (user, item) pair with both
+    labels: every encoder scores them alike, so validation AUC is exactly 0.5 at every epoch."""
+    frames = synthetic_records(rows_per_user=8)
+    validation = frames["validation"].assign(UserID=1, TargetItemID=2)
+    validation["label"] = np.arange(len(validation)) % 2
+    return {**frames, "validation": validation}
+
+
+def test_encoder_at_chance_stops_with_the_settings_to_change_and_saves_nothing(tmp_path):
+    records_dir = write_prepared_dir(tmp_path / "records", chance_records())
+    output_dir = tmp_path / "cf"
+    with pytest.raises(ValueError) as raised:
+        train_collaborative.main([
+            "--records_dir", str(records_dir), "--model_type", "mf", "--output_dir", str(output_dir),
+            "--embedding_dim", "8", "--max_epochs", "20", "--num_threads", "0",
+        ])
+    message = str(raised.value)
+    assert isinstance(raised.value, train_collaborative.InputError)  # printed alone, exit status 2
+    assert "not learning" in message and "first 3 epoch(s)" in message and "0.5000" in message
+    for setting in ("learning_rate", "embedding_l2", "weight_decay", "batch_size", "embedding_dim"):
+        assert setting in message, f"the message should name {setting}: {message}"
+    assert not (output_dir / "model.safetensors").exists() and not (output_dir / "cf_config.json").exists()
+
+
+def test_grid_skips_a_setting_at_chance_and_fails_only_when_all_are(records, tmp_path):
+    frames = chance_records()
+    model_args = train_collaborative.ModelArguments(model_type="mf", embedding_dim=8)
+    arguments = dict(output_dir=str(tmp_path), max_epochs=5, num_threads=0)
+    with pytest.raises(train_collaborative.InputError, match="every grid setting stayed at chance"):
+        train_collaborative.train_and_evaluate(
+            frames, NUM_USERS, NUM_ITEMS, model_args,
+            train_collaborative.CFTrainingArguments(grid='{"learning_rate": [1e-3, 1e-2]}', **arguments),
+        )
+    # chance_epochs 0 turns the check off: the run ends normally.
+    outcome = train_collaborative.train_and_evaluate(
+        frames, NUM_USERS, NUM_ITEMS, model_args, train_collaborative.CFTrainingArguments(chance_epochs=0, **arguments)
+    )
+    assert outcome.fit.best_valid_auc == 0.5
+
+
+def test_help_shows_the_defaults_the_code_uses(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_collaborative.parse_arguments(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+
+    def option_help(name: str) -> str:
+        start = text.index(f"\n  --{name} ")
+        end = text.find("\n  -", start + 1)
+        return " ".join(text[start:end if end > 0 else None].split())
+
+    for model_type in ("mf", "lightgcn", "sasrec"):
+        used = train_collaborative.fit_config_for(model_type, train_collaborative.CFTrainingArguments(output_dir=str(tmp_path)))
+        values = {
+            "batch_size": used.batch_size,  # --help said 1024 for MF while the code used 256
+            "embedding_dim": train_collaborative.ModelArguments(model_type=model_type).embedding_dim,
+            "learning_rate": used.learning_rate,
+            "weight_decay": used.weight_decay,
+        }
+        if hasattr(used, "embedding_l2"):
+            values["embedding_l2"] = used.embedding_l2
+        for name, value in values.items():
+            assert f"{model_type} {value:g}" in option_help(name), f"--{name} help does not show {model_type}'s {value:g}: {option_help(name)}"
+
+
+def test_mf_learns_a_synthetic_implicit_log_with_defaults(tmp_path):
+    """10k users, 4k items, ~140k train rows (leave-one-out, one sampled negative per positive): the
+    size where whole-table weight decay kept MF at chance (valid AUC 0.53, 0.51, 0.50)."""
+    import time
+
+    cf_scale = load_benchmark("cf_scale")
+    frames, metadata = cf_scale.prepare_frames(cf_scale.synthetic_implicit_log(num_users=10_000, num_items=4_000, seed=0), seed=0)
+    assert 120_000 < len(frames["train"]) < 160_000
+    started = time.perf_counter()
+    outcome = train_collaborative.train_and_evaluate(
+        frames, metadata["num_users"], metadata["num_items"], train_collaborative.ModelArguments(model_type="mf"),
+        train_collaborative.CFTrainingArguments(output_dir=str(tmp_path), max_epochs=3, num_threads=0),
+    )
+    seconds = time.perf_counter() - started
+    assert outcome.fit.best_valid_auc > 0.6, outcome.fit.valid_auc_history
+    assert outcome.test_metrics["auc"] > 0.6
+    assert seconds < 120, f"{seconds:.0f}s for 3 epochs"
+
+
+def test_cf_scale_benchmark_runs_small_and_ends_with_json(capsys):
+    cf_scale = load_benchmark("cf_scale")
+    cf_scale.main(["--users", "400", "--items", "300", "--models", "mf", "--max_epochs", "2",
+                   "--baseline_steps", "2", "--num_threads", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert set(summary["mf"]) == {"seconds_per_epoch", "epochs_to_best", "test_auc"}
+    assert summary["rows"]["train"] > 0 and "previous_mf" in summary
+    assert any(line.startswith("mf ") for line in lines[:-1])

@@ -1,4 +1,14 @@
-"""Pointwise BCE training shared by MF, LightGCN and SASRec: data tensors, loop, batch scoring."""
+"""Pointwise BCE training shared by MF, LightGCN and SASRec: data tensors, loop, batch scoring.
+
+Regularisation and updates scale with the rows a batch reads, not with the size of the tables
+(the CoLLM / RecBole way): the loss carries ``embedding_l2 * (sum of squared norms of the embedding
+rows the batch looks up) / batch rows``, and tables whose rows are looked up (MF's user and item
+tables, SASRec's item table) get sparse gradients and :class:`torch.optim.SparseAdam`, so a row
+that is in no batch is never changed. LightGCN's propagation reads every row of both tables at
+every step, so its gradients are dense by nature and its tables use Adam (without weight decay);
+the L2 term still covers only the batch's layer-0 rows. ``weight_decay`` applies to dense
+parameters only (SASRec's attention, feed-forward, norm and position weights).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ from torch.nn import functional as F
 
 from thinkrec.collaborative.models import PADDING_ID, LightGCN, MatrixFactorization, SASRec
 from thinkrec.evaluation.metrics import roc_auc
+from thinkrec.utils.errors import InputError
 
 
 logger = logging.getLogger(__name__)
@@ -182,72 +193,196 @@ def score_split(model: nn.Module, split: InteractionSplit, batch_size: int = 819
 
 @dataclass
 class FitConfig:
-    """Optimisation settings for :func:`train_pointwise`."""
+    """Optimisation settings for :func:`train_pointwise`.
+
+    ``embedding_l2``: coefficient of the L2 term on the embedding rows each batch looks up (summed,
+    divided by the batch's rows). ``weight_decay``: Adam(W) weight decay on dense parameters only
+    (SASRec's layers); MF and LightGCN have none, and a non-zero value for them is an error.
+    ``chance_epochs``: stop with :class:`EncoderAtChanceError` when validation AUC stays within
+    ``chance_margin`` of 0.5 for each of the first ``chance_epochs`` epochs (0 turns the check off).
+    """
 
     learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0
     batch_size: int = 1024
     max_epochs: int = 200
     patience: int = 10
     optimizer: str = "adam"
     seed: int = 42
     eval_batch_size: int = 8192
+    embedding_l2: float = 0.0
+    chance_epochs: int = 3
+    chance_margin: float = 0.01
 
 
 @dataclass
 class FitResult:
-    """What training found: best validation AUC and when, epochs run, wall-clock seconds."""
+    """What training found: best validation AUC and when, epochs run, wall-clock seconds.
+
+    ``train_seconds`` covers the whole fit (validation scoring included); ``epoch_seconds`` holds
+    each epoch's optimisation time alone, ``loss_history`` each epoch's mean train BCE (L2 term excluded).
+    """
 
     best_valid_auc: float
     best_epoch: int
     epochs_run: int
     train_seconds: float
     valid_auc_history: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)
 
 
-def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    raise ValueError(f"optimizer must be 'adam' or 'adamw', found {config.optimizer!r}")
+class EncoderAtChanceError(InputError):
+    """Validation AUC stayed at chance for the first epochs: the settings do not let the encoder learn."""
+
+    def __init__(self, message: str, valid_auc_history: list[float] | None = None):
+        super().__init__(message)
+        self.valid_auc_history = list(valid_auc_history or [])
+
+
+def sparse_tables(model: nn.Module) -> list[nn.Embedding]:
+    """The embedding tables that only batch rows should touch (sparse gradients, SparseAdam).
+
+    LightGCN has none: its propagation reads whole tables, so every row connected to a batch row
+    in the graph gets a gradient.
+    """
+    if isinstance(model, MatrixFactorization):
+        return [model.user_embedding, model.item_embedding]
+    if isinstance(model, SASRec):
+        return [model.item_embedding]
+    return []
+
+
+def _has_dense_weights(model: nn.Module) -> bool:
+    return isinstance(model, SASRec)
+
+
+def _optimizer(model: nn.Module, config: FitConfig) -> list[torch.optim.Optimizer]:
+    """SparseAdam over the tables of :func:`sparse_tables`, Adam / AdamW over every other parameter.
+
+    Weight decay goes to the dense parameters of SASRec only; the tables are regularised by the
+    batch-row L2 term of the loss instead.
+    """
+    if config.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', found {config.optimizer!r}")
+    if config.weight_decay and not _has_dense_weights(model):
+        raise InputError(
+            f"weight_decay={config.weight_decay:g} has nothing to act on: {type(model).__name__} has only embedding "
+            "tables, which are regularised through embedding_l2 (the L2 term on the rows of each batch). "
+            "Set weight_decay to 0 and use embedding_l2."
+        )
+    sparse_ids = {id(table.weight) for table in sparse_tables(model)}
+    sparse = [parameter for parameter in model.parameters() if id(parameter) in sparse_ids]
+    dense = [parameter for parameter in model.parameters() if id(parameter) not in sparse_ids]
+    optimizers: list[torch.optim.Optimizer] = []
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
+    if dense:
+        # LightGCN's tables are dense parameters with no decay (weight_decay is 0 for it, checked above).
+        dense_type = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        optimizers.append(dense_type(dense, lr=config.learning_rate, weight_decay=config.weight_decay))
+    return optimizers
+
+
+def batch_embedding_penalty(model: nn.Module, split: InteractionSplit, index: torch.Tensor) -> torch.Tensor:
+    """Sum of the squared L2 norms of the embedding rows the batch ``index`` looks up.
+
+    MF and LightGCN: the users' and target items' (layer-0) rows; SASRec: the target items' rows and
+    the history items' rows (padding rows are zero). Repeated rows count once per occurrence.
+    """
+    if isinstance(model, SASRec):
+        history = split.history_ids[index][:, -model.max_len :]
+        rows = (model.item_embedding(history), model.item_embedding(split.item_ids[index]))
+    else:
+        rows = (model.user_embedding(split.user_ids[index]), model.item_embedding(split.item_ids[index]))
+    return sum(table_rows.pow(2).sum() for table_rows in rows)
+
+
+def _at_chance_message(model: nn.Module, config: FitConfig, history: list[float], losses: list[float]) -> str:
+    model_name = {MatrixFactorization: "mf", LightGCN: "lightgcn", SASRec: "sasrec"}.get(type(model), type(model).__name__)
+    dimension = getattr(model, "embedding_dim", None) or getattr(model, "hidden_size", None)
+    aucs = ", ".join(f"{auc:.4f}" for auc in history)
+    loss_text = f"; mean train BCE {losses[-1]:.4f}" + (" (ln 2 = 0.6931: the scores carry nothing)" if abs(losses[-1] - math.log(2)) < 2e-3 else "")
+    return (
+        f"the {model_name} encoder is not learning: validation AUC stayed within {config.chance_margin:g} of 0.5 for "
+        f"the first {len(history)} epoch(s) ({aucs}{loss_text}), so training stops and no checkpoint is saved. "
+        f"Change the settings: learning_rate (now {config.learning_rate:g}; try 3-10x higher), "
+        f"embedding_l2 (now {config.embedding_l2:g}) and weight_decay (now {config.weight_decay:g}) (try lower or 0), "
+        f"batch_size (now {config.batch_size}; try smaller), embedding_dim (now {dimension}; try 64). "
+        "If the data itself has no signal (labels independent of users and items), no setting will help. "
+        "chance_epochs 0 turns this check off."
+    )
 
 
 def train_pointwise(model: nn.Module, train: InteractionSplit, validation: InteractionSplit, config: FitConfig) -> FitResult:
-    """Train with BCE on labels; keep the weights of the best validation-AUC epoch (early stopping).
+    """Train with BCE on labels (+ the batch-row L2 term); keep the weights of the best validation-AUC
+    epoch (early stopping).
 
-    Raises FloatingPointError on a non-finite loss, naming the step and the learning rate.
+    Raises FloatingPointError on a non-finite loss, naming the step and the learning rate, and
+    :class:`EncoderAtChanceError` when validation AUC stays at chance for the first
+    ``config.chance_epochs`` epochs (or for every epoch, when fewer are run).
     """
     num_users = getattr(model, "num_users", None)
     for split in (train, validation):
         check_split(split, num_users if num_users is not None else int(split.user_ids.max()) + 1, model.num_items)
+    if isinstance(model, SASRec) and train.history_ids is None:
+        raise ValueError(f"{train.name} split has no history_ids; SASRec needs them (set max_len when loading)")
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = _optimizer(model, config)
+    tables = sparse_tables(model)
+    was_sparse = [table.sparse for table in tables]
+    for table in tables:
+        table.sparse = True  # gradients only for the rows looked up; restored below
+    try:
+        optimizers = _optimizer(model, config)
+        return _fit(model, train, validation, config, optimizers, generator)
+    finally:
+        for table, sparse in zip(tables, was_sparse):
+            table.sparse = sparse
+
+
+def _fit(model, train, validation, config, optimizers, generator) -> FitResult:
     best_auc, best_epoch, best_state = -math.inf, 0, None
     history: list[float] = []
+    epoch_seconds: list[float] = []
+    losses: list[float] = []
     step = 0
     started = time.perf_counter()
     epoch = 0
     for epoch in range(1, config.max_epochs + 1):
         model.train()
+        epoch_started = time.perf_counter()
+        loss_sum, batches = 0.0, 0
         for index in torch.randperm(len(train), generator=generator).split(config.batch_size):
             step += 1
-            loss = F.binary_cross_entropy_with_logits(batch_logits(model, train, index), train.labels[index])
+            bce = F.binary_cross_entropy_with_logits(batch_logits(model, train, index), train.labels[index])
+            loss = bce
+            if config.embedding_l2:
+                loss = bce + config.embedding_l2 * batch_embedding_penalty(model, train, index) / len(index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at step {step} (epoch {epoch}) with learning rate "
                     f"{config.learning_rate:g}; lower the learning rate"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
+            loss_sum += bce.item()
+            batches += 1
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+        losses.append(loss_sum / max(batches, 1))
         valid_auc = roc_auc(validation.labels.numpy(), score_split(model, validation, config.eval_batch_size))
         history.append(valid_auc)
-        logger.info("epoch %d: loss %.4f, valid AUC %.4f", epoch, loss.item(), valid_auc)
+        logger.info("epoch %d: mean train BCE %.4f, valid AUC %.4f, %.1fs", epoch, losses[-1], valid_auc, epoch_seconds[-1])
         if valid_auc > best_auc:
             best_auc, best_epoch = valid_auc, epoch
             best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= config.patience:
+        stopping = epoch - best_epoch >= config.patience or epoch == config.max_epochs
+        if config.chance_epochs and (epoch == config.chance_epochs or (stopping and epoch < config.chance_epochs)):
+            if all(abs(auc - 0.5) < config.chance_margin for auc in history):
+                raise EncoderAtChanceError(_at_chance_message(model, config, history, losses), history)
+        if stopping:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -258,4 +393,6 @@ def train_pointwise(model: nn.Module, train: InteractionSplit, validation: Inter
         epochs_run=epoch,
         train_seconds=time.perf_counter() - started,
         valid_auc_history=history,
+        epoch_seconds=epoch_seconds,
+        loss_history=losses,
     )
