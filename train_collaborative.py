@@ -39,6 +39,7 @@ from thinkrec.collaborative.training import (
     set_seed,
     split_from_records,
     train_pointwise,
+    zero_untrained_rows,
 )
 from thinkrec.data.preparation import SPLITS
 from thinkrec.data.records import load_prepared
@@ -267,6 +268,10 @@ def train_and_evaluate(
             f"every grid setting stayed at chance ({[setting for setting, _ in at_chance]}); the last one: {at_chance[-1][1]}"
         )
     model, run_model_args, fit_config, fit = best
+    # Ids absent from train kept their random initial rows: zero them ("no information") before
+    # scoring and saving, so metrics, predictions and the checkpoint describe the same tables.
+    zeroed = zero_untrained_rows(model, splits["train"])
+    logger.info("rows of ids absent from train set to zero: %s", zeroed)
     valid_metrics, _ = _split_metrics(model, splits["validation"], fit_config.eval_batch_size)
     test_metrics, test_scores = _split_metrics(model, splits["test"], fit_config.eval_batch_size)
     return TrainingOutcome(

@@ -440,3 +440,22 @@ def test_cf_scale_benchmark_runs_small_and_ends_with_json(capsys):
     assert set(summary["mf"]) == {"seconds_per_epoch", "epochs_to_best", "test_auc"}
     assert summary["rows"]["train"] > 0 and "previous_mf" in summary
     assert any(line.startswith("mf ") for line in lines[:-1])
+
+
+@pytest.mark.parametrize("model_type", ["mf", "sasrec"])
+def test_rows_of_ids_absent_from_train_are_zero_in_the_saved_tables(model_type, records, tmp_path):
+    """Training never reads them, so they would keep random initial values; the LLM gets zero ("no
+    information") for them, as it did when whole-table decay shrank them to ~0."""
+    extra = 2
+    outcome = train_collaborative.train_and_evaluate(
+        records, NUM_USERS + extra, NUM_ITEMS + extra,
+        train_collaborative.ModelArguments(model_type=model_type, embedding_dim=16, max_len=10),
+        train_collaborative.CFTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, batch_size=128, max_epochs=5, num_threads=0),
+    )
+    checkpoint = checkpoint_from_model(outcome.model, num_users=NUM_USERS + extra)
+    assert torch.all(checkpoint.item_table[-extra:] == 0) and torch.all(checkpoint.item_table[0] == 0)
+    assert bool((checkpoint.item_table[1:NUM_ITEMS].abs().sum(-1) > 0).any())
+    if checkpoint.user_table is not None:
+        assert torch.all(checkpoint.user_table[-extra:] == 0)
+        trained_users = torch.tensor(records["train"]["UserID"].unique())
+        assert bool((checkpoint.user_table[trained_users].abs().sum(-1) > 0).all())

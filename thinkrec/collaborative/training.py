@@ -298,6 +298,33 @@ def batch_embedding_penalty(model: nn.Module, split: InteractionSplit, index: to
     return sum(table_rows.pow(2).sum() for table_rows in rows)
 
 
+@torch.no_grad()
+def zero_untrained_rows(model: nn.Module, train: InteractionSplit) -> dict[str, int]:
+    """Set to zero the table rows of ids that never occur in ``train``; return how many per table.
+
+    Training never reads those rows, so they still hold their random initial values. As vectors for
+    the LLM (a user or item unseen in training) zero says "no information", as the padding row does;
+    whole-table weight decay used to drive them to ~0 as a side effect. MF/LightGCN: user ids and
+    target item ids; SASRec: target and history item ids.
+    """
+    if isinstance(model, SASRec):
+        history = train.history_ids if train.history_ids is not None else torch.zeros(0, dtype=torch.long)
+        tables = {"item_embedding": (model.item_embedding.weight, torch.cat([train.item_ids, history.flatten()]))}
+    else:
+        tables = {
+            "user_embedding": (model.user_embedding.weight, train.user_ids),
+            "item_embedding": (model.item_embedding.weight, train.item_ids),
+        }
+    zeroed = {}
+    for name, (weight, ids) in tables.items():
+        untrained = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        untrained[ids.to(weight.device)] = False
+        untrained[PADDING_ID] = False
+        weight[untrained] = 0.0
+        zeroed[name] = int(untrained.sum())
+    return zeroed
+
+
 def _at_chance_message(model: nn.Module, config: FitConfig, history: list[float], losses: list[float]) -> str:
     model_name = {MatrixFactorization: "mf", LightGCN: "lightgcn", SASRec: "sasrec"}.get(type(model), type(model).__name__)
     dimension = getattr(model, "embedding_dim", None) or getattr(model, "hidden_size", None)
