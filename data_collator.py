@@ -181,6 +181,8 @@ class ThinkRecCollator:
         seed: picks among several templates in a file (seeded per record).
         item_noun, item_noun_plural: what the items are ("game"/"games"), for the templates' <ItemNoun> and
             <ItemNounPlural>; prepared records name theirs in metadata.json (`thinkrec.data.nouns`).
+        title_keywords: show every title with up to this many of its keywords (records then carry
+            TargetItemKeywords and HisItemKeywords); 0 = titles only.
         processor: a `ThinkRecProcessor` to use instead of building one from the arguments above.
 
     Templates: <ItemTitleList> (or <LikedItemTitleList>, <HisItemList>) lists the liked history titles (all
@@ -247,6 +249,7 @@ class ThinkRecCollator:
     seed: int = 0
     item_noun: str = DEFAULT_ITEM_NOUN
     item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL
+    title_keywords: int = 0
     processor: Optional[ThinkRecProcessor] = None
 
     def __post_init__(self):
@@ -259,7 +262,7 @@ class ThinkRecCollator:
                 use_chat_template=self.use_chat_template, system_prompt=self.system_prompt, tokens_per_id=self.tokens_per_id,
                 user_slot_token=self.user_slot_token, item_slot_token=self.item_slot_token,
                 empty_history_text=self.empty_history_text, seed=self.seed, item_noun=self.item_noun,
-                item_noun_plural=self.item_noun_plural,
+                item_noun_plural=self.item_noun_plural, title_keywords=self.title_keywords,
             )
         self.tokenizer = self.processor.tokenizer
 

@@ -36,7 +36,11 @@ LIKED_LISTS = ("<LikedItemTitleList>", "<ItemTitleList>", "<HisItemList>")
 DISLIKED_LIST = "<DislikedItemTitleList>"
 NOUNS = {"<ItemNoun>": "item_noun", "<ItemNounPlural>": "item_noun_plural"}
 IF_DISLIKED, END_IF_DISLIKED = "<IfDisliked>", "</IfDisliked>"
-PLACEHOLDERS = ("<UserID>", *LIKED_LISTS, DISLIKED_LIST, *NOUNS, "<TargetItemTitle>", "<TargetItemID>", IF_DISLIKED, END_IF_DISLIKED)
+# The target's keywords (extract_keywords.py), comma-separated; records then carry TargetItemKeywords.
+TARGET_KEYWORDS = "<TargetItemKeywords>"
+KEYWORD_FIELDS = ("TargetItemKeywords", "HisItemKeywords")
+PLACEHOLDERS = ("<UserID>", *LIKED_LISTS, DISLIKED_LIST, *NOUNS, "<TargetItemTitle>", "<TargetItemID>", TARGET_KEYWORDS,
+                IF_DISLIKED, END_IF_DISLIKED)
 _PLACEHOLDER_PATTERN = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
 _IF_DISLIKED_BLOCK = re.compile(re.escape(IF_DISLIKED) + ".*?" + re.escape(END_IF_DISLIKED), re.DOTALL)
 # What a prompt needs; training rows also need their answer (`label`, `mode`, and `reason` for reasoning rows).
@@ -70,6 +74,11 @@ def _template_pieces(template: str) -> tuple[str, ...]:
     return tuple(_PLACEHOLDER_PATTERN.split(template))
 
 
+def uses_keywords(template: str) -> bool:
+    """Whether a template names the target's keywords."""
+    return TARGET_KEYWORDS in template
+
+
 def _history_labels(record: Mapping) -> list[int]:
     """Labels of the history items; a history without `HisItemLabels` holds liked items only (CoLLM)."""
     labels = record.get("HisItemLabels")
@@ -98,7 +107,8 @@ class ThinkRecProcessor(ProcessorMixin):
         tokenizer: the LM tokenizer with the user/item slot tokens added.
         templates: prompt templates' text (one is picked per record, seeded by the record); placeholders
             <UserID>, <ItemTitleList> (or <LikedItemTitleList>, <HisItemList>), <DislikedItemTitleList>,
-            <IfDisliked>...</IfDisliked>, <ItemNoun>, <ItemNounPlural>, <TargetItemTitle>, <TargetItemID>.
+            <IfDisliked>...</IfDisliked>, <ItemNoun>, <ItemNounPlural>, <TargetItemTitle>, <TargetItemID>,
+            <TargetItemKeywords> (needs the record field TargetItemKeywords).
         reason_templates: templates of `mode="reason"` rows (they ask for the explanation); None = `templates`.
         template_origins, reason_template_origins: names of the templates in error messages (file and line).
         history_item_slots: an item id slot after every history title.
@@ -106,6 +116,9 @@ class ThinkRecProcessor(ProcessorMixin):
         use_chat_template, system_prompt: wrap the question as a user turn of the tokenizer's chat template.
         tokens_per_id: slot tokens per id (the model's `config.tokens_per_id`).
         item_noun, item_noun_plural: what the items are, for <ItemNoun> / <ItemNounPlural>.
+        title_keywords: show every title (target and history) with up to this many of its keywords,
+            `"Heat (1995)" (heist, crime, los angeles)`, as ThinkRec prompts show items; 0 = titles only.
+            Records then need TargetItemKeywords and HisItemKeywords (thinkrec.data.keywords.attach_keywords).
 
     Example (a saved ThinkRec folder or Hub repo):
 
@@ -136,6 +149,7 @@ class ThinkRecProcessor(ProcessorMixin):
         seed=0,
         item_noun="movie",
         item_noun_plural="movies",
+        title_keywords=0,
     ):
         # Every argument is kept under its own name: ProcessorMixin writes them to processor_config.json.
         super().__init__(tokenizer)
@@ -159,6 +173,7 @@ class ThinkRecProcessor(ProcessorMixin):
         self.seed = seed
         self.item_noun = item_noun
         self.item_noun_plural = item_noun_plural
+        self.title_keywords = int(title_keywords)
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -189,6 +204,19 @@ class ThinkRecProcessor(ProcessorMixin):
             raise ValueError(f"tokens_per_id must be >= 1, got {self.tokens_per_id}.")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}.")
+        if self.title_keywords < 0:
+            raise ValueError(f"title_keywords must be >= 0 (0 = titles only), got {self.title_keywords}.")
+
+    @property
+    def needs_keywords(self) -> bool:
+        """Whether records must carry item keywords (TargetItemKeywords, HisItemKeywords)."""
+        templates = self.templates + (self.reason_templates or [])
+        return self.title_keywords > 0 or any(uses_keywords(text) for text in templates)
+
+    def item_text(self, title: str, keywords=None) -> str:
+        """A title as prompts show it: quoted, then up to `title_keywords` keywords in brackets."""
+        shown = list(keywords or [])[: self.title_keywords]
+        return f'"{title}"' + (f" ({', '.join(shown)})" if shown else "")
 
     @property
     def pad_token_id(self) -> int:
@@ -216,9 +244,12 @@ class ThinkRecProcessor(ProcessorMixin):
         user_slot = self.user_slot_token * self.tokens_per_id
         item_slot = self.item_slot_token * self.tokens_per_id
         start = len(record["HisItemIDs"]) - num_history
-        history = list(zip(record["HisItemIDs"], record["HisItemTitles"], _history_labels(record)))[start:]
-        liked = [(item_id, title) for item_id, title, label in history if label == 1]
-        disliked = [(item_id, title) for item_id, title, label in history if label == 0]
+        keywords = record.get("HisItemKeywords") if self.title_keywords else None
+        texts = [self.item_text(title, keywords[index] if keywords is not None else None)
+                 for index, title in enumerate(record["HisItemTitles"])]
+        history = list(zip(record["HisItemIDs"], texts, _history_labels(record)))[start:]
+        liked = [(item_id, text) for item_id, text, label in history if label == 1]
+        disliked = [(item_id, text) for item_id, text, label in history if label == 0]
         pieces, skipping = [], False
         for piece in _template_pieces(template):
             if piece in (IF_DISLIKED, END_IF_DISLIKED):
@@ -230,17 +261,19 @@ class ThinkRecProcessor(ProcessorMixin):
                 user_ids.append(int(record["UserID"]))
             elif piece in LIKED_LISTS or piece == DISLIKED_LIST:
                 titles = []
-                for item_id, title in liked if piece in LIKED_LISTS else disliked:
+                for item_id, text in liked if piece in LIKED_LISTS else disliked:
                     if self.history_item_slots:
-                        titles.append(f'"{title}" {item_slot}')
+                        titles.append(f"{text} {item_slot}")
                         item_ids.append(int(item_id))
                     else:
-                        titles.append(f'"{title}"')
+                        titles.append(text)
                 pieces.append(", ".join(titles) if titles else self.empty_history_text)
             elif piece in NOUNS:
                 pieces.append(getattr(self, NOUNS[piece]))
             elif piece == "<TargetItemTitle>":
-                pieces.append(f'"{record["TargetItemTitle"]}"')
+                pieces.append(self.item_text(record["TargetItemTitle"], record.get("TargetItemKeywords") if self.title_keywords else None))
+            elif piece == TARGET_KEYWORDS:
+                pieces.append(", ".join(record["TargetItemKeywords"]) or self.empty_history_text)
             elif piece == "<TargetItemID>":
                 pieces.append(item_slot)
                 item_ids.append(int(record["TargetItemID"]))
@@ -262,10 +295,16 @@ class ThinkRecProcessor(ProcessorMixin):
         """Tokens each history item adds to its list (separator, quoted title, slots), oldest first;
         every distinct title is tokenised once."""
         slot = f" {self.item_slot_token * self.tokens_per_id}" if self.history_item_slots else ""
-        chunks = {f', "{title}"{slot}' for record in records for title in record["HisItemTitles"]}
-        chunks = sorted(chunks)
+
+        def chunk_texts(record: Mapping) -> list[str]:
+            keywords = record.get("HisItemKeywords") if self.title_keywords else None
+            return [f", {self.item_text(title, keywords[i] if keywords is not None else None)}{slot}"
+                    for i, title in enumerate(record["HisItemTitles"])]
+
+        per_record = [chunk_texts(record) for record in records]
+        chunks = sorted({chunk for texts in per_record for chunk in texts})
         lengths = dict(zip(chunks, map(len, self.tokenizer(chunks, add_special_tokens=False)["input_ids"]))) if chunks else {}
-        return [[lengths[f', "{title}"{slot}'] for title in record["HisItemTitles"]] for record in records]
+        return [[lengths[chunk] for chunk in texts] for texts in per_record]
 
     def _fit_to_budget(self, records, templates, rows, encoded) -> None:
         """Replace each over-budget prompt in `encoded` with the one keeping the most recent history
@@ -335,6 +374,9 @@ class ThinkRecProcessor(ProcessorMixin):
                 f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(record['HisItemTitles'])} HisItemTitles."
             )
         labels = record.get("HisItemLabels")
+        keywords = record.get("HisItemKeywords")
+        if keywords is not None and len(keywords) != len(record["HisItemIDs"]):
+            raise ProcessorInputError(f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(keywords)} HisItemKeywords.")
         if labels is not None and len(labels) != len(record["HisItemIDs"]):
             raise ProcessorInputError(f"row {row}: {len(record['HisItemIDs'])} HisItemIDs but {len(labels)} HisItemLabels.")
         if labels is not None and any(int(label) not in (0, 1) for label in labels):
@@ -357,6 +399,15 @@ class ThinkRecProcessor(ProcessorMixin):
         rows = list(range(len(records))) if rows is None else list(rows)
         for record, row in zip(records, rows):
             self.check_record(record, row, required)
+        if self.needs_keywords:
+            for record, row in zip(records, rows):
+                missing = [name for name in KEYWORD_FIELDS if record.get(name) is None]
+                if missing:
+                    raise ProcessorInputError(
+                        f"row {row}: the prompts show item keywords (title_keywords={self.title_keywords} or {TARGET_KEYWORDS}) "
+                        f"but the record has no {missing}; run extract_keywords.py on the records folder (the commands then "
+                        "attach the keywords to every row)."
+                    )
         templates = []
         for record, row in zip(records, rows):
             template, origin = self.template_for(record)
@@ -456,4 +507,4 @@ ThinkRecProcessor.register_for_auto_class("AutoProcessor")
 AutoProcessor.register(ThinkRecConfig, ThinkRecProcessor, exist_ok=True)
 
 
-__all__ = ["ThinkRecProcessor", "ProcessorInputError", "asks_for_disliked_titles", "check_template"]
+__all__ = ["ThinkRecProcessor", "ProcessorInputError", "asks_for_disliked_titles", "check_template", "uses_keywords"]

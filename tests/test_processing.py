@@ -260,3 +260,49 @@ def test_evaluation_groups_rows_by_length_and_keeps_metrics_and_order(tmp_path):
         return 1 - lengths.sum() / total
 
     assert padding(order) < padding(np.arange(len(records)))
+
+
+# ------------------------------------------------------------------------------------------ keywords
+
+
+def keyword_record(record: dict) -> dict:
+    """`record` with keywords for its target and every history item (item i -> kw<i>a, kw<i>b)."""
+    words = lambda item: [f"kw{item}a", f"kw{item}b"]  # noqa: E731
+    return {**record, "TargetItemKeywords": words(record["TargetItemID"]),
+            "HisItemKeywords": [words(item) for item in record["HisItemIDs"]]}
+
+
+def test_titles_are_shown_with_their_keywords_when_asked(tokenizer):
+    record = keyword_record(make_records(1, seed=3, max_history=3)[0])
+    plain = build_processor(tokenizer, template="text_only")
+    with_keywords = build_processor(tokenizer, template="text_only", title_keywords=1)
+    decode = lambda processor: tokenizer.decode(processor.encode([record], with_answers=False)["prompt_ids"][0])  # noqa: E731
+    text = decode(with_keywords)
+    target, first = record["TargetItemID"], record["HisItemIDs"][0]
+    assert f'"{record["TargetItemTitle"]}" (kw{target}a)' in text
+    assert f'"{record["HisItemTitles"][0]}" (kw{first}a)' in text and f"kw{first}b" not in text
+    # Without the setting the same record renders as before, keywords ignored.
+    assert "kw" not in decode(plain)
+
+
+def test_the_target_keywords_placeholder_and_missing_keywords(tokenizer, tmp_path):
+    template = tmp_path / "keywords.txt"
+    template.write_text("Would the user enjoy <TargetItemTitle> (about <TargetItemKeywords>)? Answer:\n")
+    processor = build_processor(tokenizer, template=str(template))
+    record = make_records(2, seed=4, max_history=2)
+    text = tokenizer.decode(processor.encode([keyword_record(record[0])], with_answers=False)["prompt_ids"][0])
+    target = record[0]["TargetItemID"]
+    assert text.endswith(f'(about kw{target}a, kw{target}b)? Answer:')
+    with pytest.raises(ValueError, match=r"row 1: the prompts show item keywords .* no \['TargetItemKeywords', 'HisItemKeywords'\]"):
+        processor.encode([keyword_record(record[0]), record[1]], with_answers=False)
+
+
+def test_the_budget_still_holds_with_keywords_after_every_title(tokenizer):
+    records = [keyword_record(record) for record in make_records(12, seed=5, max_history=9)]
+    processor = build_processor(tokenizer, template="collaborative", title_keywords=2, max_prompt_tokens=130)
+    encoded = processor.encode(records, with_answers=False)
+    assert max(encoded["prompt_length"]) <= 130
+    # The most recent titles are the ones kept: each kept prompt ends its list with the newest item.
+    for record, ids in zip(records, encoded["prompt_ids"]):
+        if record["HisItemIDs"]:
+            assert f'"{record["HisItemTitles"][-1]}"' in tokenizer.decode(ids)

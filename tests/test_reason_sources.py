@@ -2,7 +2,6 @@
 the remote teacher against a scripted HTTP server (retries, timeouts, bad answers, server down, cache
 resume, the key kept secret) and, where installed, a real llama.cpp server."""
 
-import http.server
 import importlib.util
 import json
 import logging
@@ -11,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from _scripted_server import ScriptedServer
 
 from thinkrec.reasons.sources import (
     FAILED,
@@ -205,72 +204,6 @@ def test_local_teacher_generates_in_batches_and_checks_verdicts(tiny_teacher):
 
 
 # ---------------------------------------------------------------------------- scripted server
-
-
-class ScriptedServer:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 whose answers are scripted per target title:
-    a list of actions consumed in order, the last one repeating."""
-
-    def __init__(self, scripts):
-        self.scripts = {title: list(actions) for title, actions in scripts.items()}
-        self.requests: list[str] = []
-        self.authorization: list[str] = []
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                title = next(t for t in server.scripts if f'"{t}"' in prompt)
-                with server.lock:
-                    server.requests.append(title)
-                    server.authorization.append(self.headers.get("Authorization", ""))
-                    actions = server.scripts[title]
-                    action = actions.pop(0) if len(actions) > 1 else actions[0]
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self.respond(*action)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def respond(self, kind, value=None):
-                if kind == "sleep":
-                    time.sleep(value)
-                    kind, value = "ok", "Yes. Late but fine."
-                if kind == "status":
-                    self.send_response(value)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "scripted"}')
-                    return
-                payload = value.encode() if kind == "raw" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": value}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def teacher(url, **kwargs):
@@ -506,3 +439,20 @@ def test_teacher_prompts_name_the_items():
     assert 'Would the user enjoy the game "Mind Maze"?' in prompt and "no games yet" in prompt
     assert teacher_system("product").startswith("You explain product recommendations.")
     assert "movie" not in teacher_prompt(row(title="Mind Maze", history=["Block Drop"]), item_noun="game", item_noun_plural="games")
+
+
+def test_the_synthesiser_and_the_teacher_prompt_use_item_keywords():
+    items = pd.DataFrame({"ItemID": [2, 100, 101], "genres": ["Crime", "Crime", "Drama"],
+                          "keywords": [["crime", "heist", "los angeles"], ["heist", "bank"], ["los angeles", "divorce"]]})
+    source = SynthesisedReasons(items=items, seed=0)
+    liked = row(label=1, title="Heat (1995)", history=["Thief (1981)", "Kramer vs. Kramer (1979)"], history_ids=[100, 101],
+                history_labels=[1, 0])
+    text = source.synthesise(liked)
+    # The shared keyword with the liked item is named, the genre ("crime") is not repeated as a keyword.
+    assert '"heist"' in text and '"Thief (1981)"' in text and '"crime"' not in text
+    disliked = dict(liked, label=0)
+    assert '"los angeles"' in source.synthesise(disliked) and '"Kramer vs. Kramer (1979)"' in source.synthesise(disliked)
+    # Without keywords in the item table the same row is explained without them.
+    assert "heist" not in SynthesisedReasons(items=items.drop(columns="keywords"), seed=0).synthesise(liked)
+    prompt = teacher_prompt({**liked, "TargetItemKeywords": ["crime", "heist"]})
+    assert '"Heat (1995)" (keywords: crime, heist)?' in prompt

@@ -55,6 +55,14 @@ ITEM_FEATURES = datasets.Features(
     }
 )
 USER_FEATURES = datasets.Features({"UserID": datasets.Value("int64"), "original_id": datasets.Value("string")})
+
+
+def item_features(items) -> datasets.Features:
+    """ITEM_FEATURES, plus the `keywords` list column once extract_keywords.py has added it."""
+    features = datasets.Features(dict(ITEM_FEATURES))
+    if "keywords" in items:
+        features["keywords"] = datasets.List(datasets.Value("string"))
+    return features
 CANDIDATE_FEATURES = datasets.Features(
     {
         "UserID": datasets.Value("int64"),
@@ -114,7 +122,7 @@ def dataset_card(records: PreparedRecords, files: dict[str, str], features: data
     ]
     infos = [
         {"config_name": "default", "features": _features_yaml(features)},
-        {"config_name": "items", "features": _features_yaml(ITEM_FEATURES)},
+        {"config_name": "items", "features": _features_yaml(item_features(records.items))},
         {"config_name": "users", "features": _features_yaml(USER_FEATURES)},
     ]
     if records.candidates is not None:
@@ -203,7 +211,7 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     item_nouns_from_metadata(records.metadata, f"records for {output_dir}")
     features = record_features(records.metadata.get("embeddings"))
     files = {split: "data/" + write_table(records.splits[split], output_dir / "data", split, features, output_format) for split in SPLITS}
-    for name, frame, table_features in (("items", records.items, ITEM_FEATURES), ("users", records.users, USER_FEATURES)):
+    for name, frame, table_features in (("items", records.items, item_features(records.items)), ("users", records.users, USER_FEATURES)):
         files[name] = write_table(pa.Table.from_pandas(frame, preserve_index=False), output_dir, name, table_features, output_format)
     if records.candidates is not None:
         files["candidates"] = "candidates/" + write_table(records.candidates, output_dir / "candidates", "test", CANDIDATE_FEATURES, output_format)
@@ -287,6 +295,12 @@ def load_records_dataset(directory: os.PathLike | str) -> tuple[datasets.Dataset
         if split not in present:
             splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     return datasets.DatasetDict({split: splits[split] for split in SPLITS}), metadata
+
+
+def load_items(directory: os.PathLike | str) -> pd.DataFrame:
+    """The item table of a prepared folder (ItemID, title, genres, description, and keywords once extracted)."""
+    metadata = read_metadata(directory)
+    return _read_frame(Path(directory) / metadata["files"]["items"], metadata.get("output_format", "parquet"))
 
 
 def load_prepared(directory: os.PathLike | str) -> LoadedRecords:

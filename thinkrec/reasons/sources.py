@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns, item_nouns_from_metadata
-from thinkrec.evaluation.reporting import verdict_of
+from thinkrec.evaluation.reporting import LEADING_VERDICT, verdict_of
 
 
 logger = logging.getLogger("thinkrec.reasons.sources")
@@ -41,7 +41,6 @@ logger = logging.getLogger("thinkrec.reasons.sources")
 KEPT, REJECTED_VERDICT, FAILED = "kept", "rejected_verdict", "failed"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _WORD = re.compile(r"\S+")
-_LEADING_VERDICT = re.compile(r"^\W*(yes|no)\b[\s.,:;!\-–—]*", re.IGNORECASE)
 _TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _STOPWORDS = frozenset(
     "the a an and of in on at to for with from by is it its this that my your his her their our you me we "
@@ -135,7 +134,7 @@ def cap_length(text: str, max_tokens: int, count_tokens: Callable[[str], int] = 
 def normalise_verdict(text: str) -> tuple[Optional[int], str]:
     """(verdict, text rewritten to start with "Yes." or "No." then the explanation), or (None, text)."""
     text = (text or "").strip()
-    match = _LEADING_VERDICT.match(text)
+    match = LEADING_VERDICT.match(text)
     if match is None:
         return None, text
     verdict = 1 if match.group(1).lower() == "yes" else 0
@@ -271,6 +270,12 @@ class SynthesisedReasons(ReasonSource):
         self.item_genres: dict[int, list[str]] = {}
         if items is not None and "genres" in items:
             self.item_genres = {int(i): _genres(g) for i, g in zip(items["ItemID"], items["genres"])}
+        # Keywords (extract_keywords.py) other than the item's genres, which the genre sentences already use.
+        self.item_keywords: dict[int, list[str]] = {}
+        if items is not None and "keywords" in items:
+            for item_id, words in zip(items["ItemID"], items["keywords"]):
+                genres = {g.lower() for g in self.item_genres.get(int(item_id), [])}
+                self.item_keywords[int(item_id)] = [str(w) for w in (words if words is not None else []) if str(w).lower() not in genres]
         self.popularity: dict[int, int] = {}
         self.popular_at = self.niche_at = None
         if train is not None and len(train):
@@ -293,10 +298,13 @@ class SynthesisedReasons(ReasonSource):
         labels = _as_list(row.get("HisItemLabels")) or [1] * len(ids)
         target_genres = self.item_genres.get(int(row["TargetItemID"]), [])
         target_words = _title_words(row.get("TargetItemTitle", ""))
+        target_keywords = self.item_keywords.get(int(row["TargetItemID"]), [])
         history = []
         for position, (item_id, title, liked) in enumerate(zip(ids, titles, labels)):
             genres = self.item_genres.get(item_id, [])
+            item_keywords = set(self.item_keywords.get(item_id, []))
             history.append({
+                "keywords": [k for k in target_keywords if k in item_keywords],
                 "title": title,
                 "ago": len(ids) - position,  # 1 = the most recent
                 "liked": int(liked) == 1,
@@ -315,6 +323,8 @@ class SynthesisedReasons(ReasonSource):
             "related": sorted([h for h in liked if h["shared"]], key=lambda h: h["ago"]),
             "related_disliked": sorted([h for h in disliked if h["shared"]], key=lambda h: h["ago"]),
             "word_links": [h for h in liked if h["words"]],
+            "keyword_links": sorted([h for h in liked if h["keywords"]], key=lambda h: h["ago"]),
+            "keyword_misses": sorted([h for h in disliked if h["keywords"]], key=lambda h: h["ago"]),
             "top_genres": [g for g, _ in liked_genres.most_common(2)],
             "recent_genres": [g for g, _ in Counter(g for h in liked if h["ago"] <= 3 for g in h["genres"]).most_common(2)],
             "shared_counts": Counter(g for h in liked for g in h["shared"]),
@@ -372,7 +382,14 @@ class SynthesisedReasons(ReasonSource):
                 f"The user's favourites lean towards {_join([_genre_phrase(g) for g in f['top_genres']])} {nouns}, and {target} offers a change of pace that a user with broad taste tends to enjoy.",
                 f"Although {target} is unlike the {nouns} the user liked before, the user enjoys a wide range of them.",
             ]))
-        if f["word_links"]:
+        if f["keyword_links"]:
+            link = f["keyword_links"][0]
+            shared = _join([f'"{k}"' for k in link["keywords"][:2]])
+            out.append(rng.choice([
+                f"It shares {shared} with {_quoted(link['title'])}, which the user enjoyed.",
+                f"Like {_quoted(link['title'])}, a {noun} the user liked, it is about {shared}.",
+            ]))
+        elif f["word_links"]:
             link = f["word_links"][0]
             out.append(rng.choice([
                 f"Its title shares \"{link['words'][0]}\" with {_quoted(link['title'])}, which the user enjoyed, hinting that the two are related.",
@@ -427,6 +444,13 @@ class SynthesisedReasons(ReasonSource):
                     f"Those related picks are also far back in the history; lately the user has favoured {recent} {nouns}.",
                     f"Recently the user has moved on to {recent} {nouns}.",
                 ]))
+        if f["keyword_misses"]:
+            miss = f["keyword_misses"][0]
+            shared = _join([f'"{k}"' for k in miss["keywords"][:2]])
+            out.append(rng.choice([
+                f"It shares {shared} with {_quoted(miss['title'])}, which the user did not like.",
+                f"Its {shared} side recalls {_quoted(miss['title'])}, a {noun} the user disliked.",
+            ]))
         if f["niche"]:
             also = " also" if out else ""
             out.append(rng.choice([
@@ -467,8 +491,10 @@ def teacher_prompt(row: dict, max_history: int = 10, item_noun: str = DEFAULT_IT
     else:
         history = f"The user has given high ratings to: {', '.join(titles) or f'no {item_noun_plural} yet'}."
     answer = "Yes" if int(row["label"]) == 1 else "No"
+    keywords = _as_list(row.get("TargetItemKeywords"))
+    about = f" (keywords: {', '.join(str(k) for k in keywords)})" if keywords else ""
     return (
-        f"{history}\nWould the user enjoy the {item_noun} {_quoted(str(row.get('TargetItemTitle', '')))}?\n"
+        f"{history}\nWould the user enjoy the {item_noun} {_quoted(str(row.get('TargetItemTitle', '')))}{about}?\n"
         f"The true answer is {answer}. Begin with \"{answer}.\" and explain why in a few sentences."
     )
 
@@ -522,29 +548,38 @@ class LocalTeacher(ReasonSource):
     def _verdict(row: dict) -> str:
         return "Yes." if int(row["label"]) == 1 else "No."
 
-    def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
+    def generate(self, prompts: list[str]) -> list[str]:
+        """Greedy continuations of already-templated `prompts`, in batches, stripped."""
         import torch
 
-        out: list[tuple[Optional[str], Optional[str]]] = []
+        texts: list[str] = []
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"  # generation continues every row from the same column
         try:
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                batch = self.tokenizer([self._prompt(r) for r in chunk], return_tensors="pt", padding=True,
+            for start in range(0, len(prompts), self.batch_size):
+                batch = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
                                        add_special_tokens=False).to(self.model.device)
                 with torch.no_grad():
                     generated = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
                                                     pad_token_id=pad_id)
-                texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                for row, text in zip(chunk, texts):
-                    text = text.strip()
-                    if self.prefill_verdict:
-                        text = f"{self._verdict(row)} {text}" if text else ""
-                    out.append((text, None if text else "empty generation"))
+                texts += [text.strip() for text in self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:],
+                                                                               skip_special_tokens=True)]
         finally:
             self.tokenizer.padding_side = side
+        return texts
+
+    def complete(self, conversations: list[list[dict]]) -> list[tuple[Optional[str], Optional[str]]]:
+        """(answer, error) for each chat (a list of role/content messages)."""
+        prompts = [self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations]
+        return [(text, None) if text else (None, "empty generation") for text in self.generate(prompts)]
+
+    def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
+        out: list[tuple[Optional[str], Optional[str]]] = []
+        for row, text in zip(rows, self.generate([self._prompt(row) for row in rows])):
+            if self.prefill_verdict:
+                text = f"{self._verdict(row)} {text}" if text else ""
+            out.append((text, None if text else "empty generation"))
         return out
 
 
@@ -552,14 +587,15 @@ class LocalTeacher(ReasonSource):
 
 
 class ReasonCache:
-    """Append-only JSON-lines cache of teacher answers keyed by (UserID, TargetItemID). Each line is
-    flushed and fsynced, so a crash loses at most the line being written; a torn last line is ignored
-    and cut off before the next append."""
+    """Append-only JSON-lines cache of teacher answers keyed by (UserID, TargetItemID) — or by other
+    integer fields (`key_fields`, e.g. ("ItemID",) for item keywords). Each line is flushed and fsynced,
+    so a crash loses at most the line being written; a torn last line is ignored and cut off before the
+    next append."""
 
-    def __init__(self, path: os.PathLike | str, model: str):
-        self.path, self.model = Path(path), model
+    def __init__(self, path: os.PathLike | str, model: str, key_fields: tuple[str, ...] = ("UserID", "TargetItemID")):
+        self.path, self.model, self.key_fields = Path(path), model, tuple(key_fields)
         self._lock = threading.Lock()
-        self.entries: dict[tuple[int, int], str] = {}
+        self.entries: dict[tuple[int, ...], str] = {}
         self.torn_lines = 0
         self._cut_at: Optional[int] = None  # byte length to truncate a torn tail to before appending
         if self.path.is_file():
@@ -574,7 +610,7 @@ class ReasonCache:
                 continue
             try:
                 entry = json.loads(line)
-                key = (int(entry["UserID"]), int(entry["TargetItemID"]))
+                key = tuple(int(entry[name]) for name in self.key_fields)
                 text = str(entry["text"])
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
                 if number == len(lines):  # the last line: a write cut short by a crash
@@ -582,8 +618,8 @@ class ReasonCache:
                     self._cut_at = len(data) - len(line)
                     logger.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(line))
                     continue
-                raise ValueError(f"{self.path} line {number}: not a cache entry ({error}); expected "
-                                 "{\"UserID\", \"TargetItemID\", \"model\", \"text\"}.") from error
+                expected = ", ".join(f'"{name}"' for name in (*self.key_fields, "model", "text"))
+                raise ValueError(f"{self.path} line {number}: not a cache entry ({error}); expected {{{expected}}}.") from error
             if entry.get("model") != self.model:
                 other_models += 1
                 continue
@@ -591,11 +627,15 @@ class ReasonCache:
         if other_models:
             logger.info("%s: %d entries from other models are not reused", self.path, other_models)
 
-    def get(self, user_id: int, item_id: int) -> Optional[str]:
-        return self.entries.get((user_id, item_id))
+    def get(self, *key: int) -> Optional[str]:
+        return self.entries.get(tuple(int(k) for k in key))
 
-    def put(self, user_id: int, item_id: int, text: str) -> None:
-        line = json.dumps({"UserID": user_id, "TargetItemID": item_id, "model": self.model, "text": text}, ensure_ascii=False)
+    def put(self, *key_and_text) -> None:
+        *key, text = key_and_text
+        if len(key) != len(self.key_fields):
+            raise ValueError(f"{self.path}: a cache key is {self.key_fields}, got {tuple(key)}.")
+        key = tuple(int(k) for k in key)
+        line = json.dumps({**dict(zip(self.key_fields, key)), "model": self.model, "text": text}, ensure_ascii=False)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._cut_at is not None:
@@ -606,7 +646,7 @@ class ReasonCache:
                 handle.write(line + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-            self.entries[(user_id, item_id)] = text
+            self.entries[key] = text
 
 
 class RemoteTeacher(ReasonSource):
@@ -658,12 +698,15 @@ class RemoteTeacher(ReasonSource):
         key = self._key()
         return message.replace(key, "***") if key else message
 
-    def _request(self, row: dict) -> str:
+    def _messages(self, row: dict) -> list[dict]:
+        return [{"role": "system", "content": teacher_system(self.nouns["item_noun"])},
+                {"role": "user", "content": teacher_prompt(row, **self.nouns)}]
+
+    def _request(self, messages: list[dict]) -> str:
         """One chat completion; returns the answer text or raises (urllib errors, ValueError on a bad body)."""
         body = {
             "model": self.model,
-            "messages": [{"role": "system", "content": teacher_system(self.nouns["item_noun"])},
-                         {"role": "user", "content": teacher_prompt(row, **self.nouns)}],
+            "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -693,19 +736,29 @@ class RemoteTeacher(ReasonSource):
                 pass  # an HTTP-date Retry-After: keep our own backoff
         return delay
 
+    @staticmethod
+    def _answer_problem(text: str) -> Optional[str]:
+        """Why a reason answer is unusable (then it is asked again), or None."""
+        return "answer does not start with Yes or No" if verdict_of(text) is None else None
+
     def _ask(self, row: dict) -> tuple[Optional[str], Optional[str]]:
         """The answer for one row with retries, or (None, last error)."""
+        return self.ask(self._messages(row), self._answer_problem, f"user {row['UserID']} item {row['TargetItemID']}")
+
+    def ask(self, messages: list[dict], problem: Callable[[str], Optional[str]], what: str = "request") -> tuple[Optional[str], Optional[str]]:
+        """One chat answer with retries (transport errors, 429/5xx, empty answers and answers for which
+        `problem` names a fault), or (None, last error)."""
         last_error = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.counters.add(retries=1)
             http_error = None
             try:
-                text = self._request(row)
+                text = self._request(messages)
                 if not text.strip():
                     last_error = "empty answer"
-                elif verdict_of(text) is None:
-                    last_error = "answer does not start with Yes or No"
+                elif problem(text) is not None:
+                    last_error = problem(text)
                 else:
                     return text, None
             except urllib.error.HTTPError as error:
@@ -719,9 +772,15 @@ class RemoteTeacher(ReasonSource):
                 last_error = str(error)
             last_error = self._scrub(last_error)
             if attempt < self.max_retries:
-                logger.debug("user %s item %s: %s; retry %d", row["UserID"], row["TargetItemID"], last_error, attempt + 1)
+                logger.debug("%s: %s; retry %d", what, last_error, attempt + 1)
                 time.sleep(self._delay(attempt, http_error))
         return None, f"{last_error} after {self.max_retries + 1} attempts"
+
+    def complete(self, conversations: list[list[dict]], problem: Callable[[str], Optional[str]] = lambda text: None
+                 ) -> list[tuple[Optional[str], Optional[str]]]:
+        """(answer, error) for each chat, asked `concurrency` at a time with retries."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda messages: self.ask(messages, problem), conversations))
 
     def explain(self, rows: list[dict]) -> list[ReasonResult]:
         self._check_rows(rows)

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Give every item of a prepared records folder up to ten keywords (ThinkRec's thinking activation).
+
+    python extract_keywords.py --records_dir outputs/quickstart/records                  # offline default (MiniLM)
+    python extract_keywords.py --records_dir data/ml1m --method tfidf
+    python extract_keywords.py --records_dir data/ml1m --method local --teacher_model Qwen/Qwen2.5-7B-Instruct
+    python extract_keywords.py --records_dir data/ml1m --method remote --base_url http://127.0.0.1:8000/v1 \\
+        --remote_model qwen2.5-7b-instruct                     # the key, if any, from $OPENAI_API_KEY
+
+The keywords are written into the folder's item table (a `keywords` column; metadata.json says how they
+were made). Templates show them with <TargetItemKeywords>, or every title with its keywords through
+run_thinkrec.py's `title_keywords`; the synthesised reasons and the teacher prompts use them too.
+Teacher answers are cached (JSON lines beside the records), so an interrupted run resumes. Items without
+any metadata text and teacher answers without a keyword are counted and reported, never filled in.
+Last line: one JSON object with the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from thinkrec.data.keywords import (
+    KEYWORDS_COLUMN,
+    MAX_KEYWORDS,
+    METHODS,
+    minilm_keywords,
+    save_item_keywords,
+    teacher_keywords,
+    tfidf_keywords,
+)
+from thinkrec.data.nouns import item_nouns_from_metadata
+from thinkrec.data.records import load_prepared
+from thinkrec.utils.arguments import parse_args as parse_command_args
+from thinkrec.utils.arguments import run_command
+from thinkrec.utils.errors import ExistingOutputError, InputError
+
+
+logger = logging.getLogger("extract_keywords")
+
+
+@dataclass
+class KeywordArguments:
+    records_dir: str = field(metadata={"help": "A prepared records folder (prepare_data.py output)."})
+    method: str = field(default="minilm", metadata={"help": f"One of {METHODS}."})
+    max_keywords: int = field(default=MAX_KEYWORDS, metadata={"help": "Keywords per item at most."})
+    diversity: float = field(default=0.3, metadata={"help": "minilm: weight of novelty against relevance (0 = most similar only)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace keywords the item table already has (else stop)."})
+    embedding_model: Optional[str] = field(default=None, metadata={"help": "minilm: sentence encoder folder (default: bundled all-MiniLM-L6-v2)."})
+    teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF chat model path or id (default: bundled SmolLM2-135M-Instruct)."})
+    teacher_batch_size: int = field(default=16, metadata={"help": "local: items per generation batch."})
+    max_new_tokens: int = field(default=48, metadata={"help": "local/remote: tokens the teacher may write."})
+    base_url: Optional[str] = field(default=None, metadata={"help": "remote: e.g. http://127.0.0.1:8080/v1."})
+    remote_model: Optional[str] = field(default=None, metadata={"help": "remote: model name sent with each request."})
+    api_key_env: Optional[str] = field(default="OPENAI_API_KEY", metadata={"help": "remote: NAME of the variable holding the key."})
+    concurrency: int = field(default=4, metadata={"help": "remote: requests in flight."})
+    max_retries: int = field(default=4, metadata={"help": "remote: retries per item."})
+    cache_path: Optional[str] = field(
+        default=None, metadata={"help": "local/remote: answer cache (JSON lines); default <records_dir>/keywords-<method>.cache.jsonl."}
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if not 1 <= self.max_keywords <= 50:
+            raise InputError(f"max_keywords must be in [1, 50], got {self.max_keywords}.")
+        if self.method == "remote" and not (self.base_url and self.remote_model):
+            raise InputError("method 'remote' needs base_url and remote_model.")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    (args,) = parse_command_args((KeywordArguments,), argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    started = time.perf_counter()
+    records = load_prepared(args.records_dir)
+    if KEYWORDS_COLUMN in records.items and not args.overwrite:
+        raise ExistingOutputError(f"{args.records_dir}: the items already have keywords "
+                                  f"({records.metadata.get('item_keywords', {}).get('method', 'unknown method')}); set overwrite=true to replace them.")
+    nouns = item_nouns_from_metadata(records.metadata, args.records_dir)
+    model_name = None
+    if args.method == "minilm":
+        keywords, counters = minilm_keywords(records.items, args.max_keywords, args.diversity, args.embedding_model)
+        model_name = args.embedding_model or "sentence-transformers/all-MiniLM-L6-v2"
+    elif args.method == "tfidf":
+        keywords, counters = tfidf_keywords(records.items, args.max_keywords)
+    else:
+        from thinkrec.reasons.sources import LocalTeacher, RemoteTeacher
+
+        cache = args.cache_path or str(Path(args.records_dir) / f"keywords-{args.method}.cache.jsonl")
+        if args.method == "local":
+            teacher = LocalTeacher(args.teacher_model, batch_size=args.teacher_batch_size, max_new_tokens=args.max_new_tokens, **nouns)
+            model_name = args.teacher_model or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        else:
+            teacher = RemoteTeacher(args.base_url, args.remote_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+                                    max_retries=args.max_retries, max_tokens=args.max_new_tokens, **nouns)
+            model_name = args.remote_model
+        keywords, counters = teacher_keywords(teacher, records.items, cache, model_name, nouns["item_noun"], args.max_keywords)
+    info = {"method": args.method, "model": model_name, "max_keywords": args.max_keywords, **counters.as_dict()}
+    path = save_item_keywords(args.records_dir, keywords, info)
+    counts = [len(words) for words in keywords.values()]
+    summary = {**info, "keywords_mean": float(sum(counts) / max(len(counts), 1)), "item_table": str(path),
+               "seconds": round(time.perf_counter() - started, 2),
+               # api_key_env is the variable's name, never its value.
+               "arguments": asdict(args)}
+    example = next(((item_id, words) for item_id, words in keywords.items() if words), None)
+    print(f"{counters.items:,} items: {counters.with_keywords:,} with keywords ({summary['keywords_mean']:.1f} each on average), "
+          f"{counters.without_metadata:,} without metadata, {counters.failed:,} teacher answers without a keyword, "
+          f"{counters.cached:,} from the cache")
+    if example:
+        print(f"e.g. item {example[0]}: {', '.join(example[1])}")
+    print(json.dumps({key: summary[key] for key in ("method", "items", "with_keywords", "without_metadata", "failed", "cached", "keywords_mean")}))
+    return summary
+
+
+if __name__ == "__main__":
+    run_command(main)
