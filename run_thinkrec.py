@@ -42,13 +42,15 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
-from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, load_templates, raw_record, tokenize_dataset
+from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, input_errors, load_templates, raw_record, tokenize_dataset
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
+from processing_thinkrec import MODEL_INPUTS, RECORD_FIELDS
 from thinkrec.collaborative.models import load_cf_checkpoint
+from thinkrec.data.keywords import attach_keywords, attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.data.records import load_records_dataset
+from thinkrec.data.records import load_items, load_records_dataset
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
-from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, verdict_of
+from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, reason_body, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
 from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
@@ -69,6 +71,7 @@ STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "
 # Reasoning rows (and generated reasons) use a prompt that asks for the verdict *and* the explanation.
 STAGE_REASON_TEMPLATES = {"lora": "reflection_text_only", "projector": "reflection", "joint": "reflection"}
 SLOT_PLACEHOLDERS = ("<UserID>", "<TargetItemID>")
+SCORE_PROMPTS = ("recommendation", "reason")
 LOSS_WEIGHTS = ("reason_bce_weight", "reason_lm_weight", "rec_bce_weight", "rec_lm_weight")
 
 
@@ -166,12 +169,30 @@ class DataArguments:
         default=0, metadata={"help": "At predict time, generate the verdict and reason text for the first N test rows."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Generation length for those rows."})
+    score_prompt: str = field(
+        default="recommendation",
+        metadata={"help": "Where scores are read: 'recommendation' (the one-word prompt) or 'reason' (the reason prompt's "
+                  "first answer position, as published; the recommendation rows are then trained on the reason prompt too). "
+                  "Generated reasons always start with the verdict of that score, so score and text make one decision."},
+    )
+    verdict_threshold: float = field(
+        default=0.5, metadata={"help": "A generated reason says 'Yes.' when P(Yes) >= this, else 'No.' (then the reason follows)."}
+    )
+    title_keywords: int = field(
+        default=0, metadata={"help": "Show every title in the prompts with up to this many of its keywords (extract_keywords.py); 0 = titles only."}
+    )
 
     def __post_init__(self):
         for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name} must be >= 1 when set, got {value}.")
+        if self.score_prompt not in SCORE_PROMPTS:
+            raise InputError(f"score_prompt must be one of {SCORE_PROMPTS}, got {self.score_prompt!r}.")
+        if not 0 < self.verdict_threshold < 1:
+            raise InputError(f"verdict_threshold must be in (0, 1), got {self.verdict_threshold}.")
+        if self.title_keywords < 0:
+            raise InputError(f"title_keywords must be >= 0, got {self.title_keywords}.")
 
 
 @dataclass
@@ -234,6 +255,14 @@ def load_reason_rows(path: str) -> datasets.Dataset:
     if len(wrong):
         raise InputError(f"{path}: row {wrong[0]} is not a reasoning row (mode must be 'reason' and reason non-empty).")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def with_item_keywords(splits: dict, records_dir: str) -> dict:
+    """`splits` (Datasets, or pandas frames) with the items' keywords attached to every row
+    (TargetItemKeywords, HisItemKeywords), read from the records' item table."""
+    keywords = item_keywords(load_items(records_dir), f"{records_dir} item table")
+    return {name: attach_keywords(rows, keywords) if isinstance(rows, pd.DataFrame) else attach_keywords_to_dataset(rows, keywords)
+            for name, rows in splits.items()}
 
 
 def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
@@ -440,29 +469,34 @@ def cf_alone_scores(model: ThinkRecForCausalLM, cf, dataset: datasets.Dataset) -
         return (users * item_table[item_ids]).sum(-1).numpy()
 
 
-def generate_reasons(model, tokenizer, collator_kwargs: dict, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Verdict and reason text for `rows`, generated with the injected vectors, stopping at EOS. The
-    prompt is the reason template (it asks for the explanation), not the one-word recommendation one."""
-    kwargs = {**collator_kwargs, "template": collator_kwargs.get("reason_template") or collator_kwargs["template"]}
-    collator = ThinkRecCollator(tokenizer, include_answers=False, **kwargs)
+VERDICTS = ("No.", "Yes.")
+
+
+def generate_reasons(model, processor, rows: list[dict], scores: np.ndarray, threshold: float, max_new_tokens: int,
+                     batch_size: int) -> list[str]:
+    """One decision per row: the verdict is the score's (P(Yes) >= `threshold` → "Yes."), written as the
+    first answer tokens after the reason prompt, and the model generates the reason after it (with the
+    injected vectors, greedy, stopping at EOS). Returns "Yes. <reason>" / "No. <reason>" per row."""
+    tokenizer = processor.tokenizer
+    verdict_ids = dict(zip(VERDICTS, tokenizer(list(VERDICTS), add_special_tokens=False)["input_ids"]))
+    probabilities = 1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))
     texts = []
     model.eval()
     for start in range(0, len(rows), batch_size):
         # Rendered again from the raw fields: cached rows hold the recommendation prompt, not the reason one.
-        batch = collator([raw_record(row) for row in rows[start : start + batch_size]])
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        new_tokens = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            user_slot_ids=batch["user_slot_ids"],
-            item_slot_ids=batch["item_slot_ids"],
-            history_item_ids=batch["history_item_ids"],
-            user_ids=batch["user_ids"],
-            max_new_tokens=max_new_tokens,
-        )
-        # GenerationMixin returns the prompt followed by the answer.
-        new_tokens = new_tokens[:, batch["input_ids"].shape[1]:]
-        texts += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        records = [{**raw_record(row), "mode": "reason"} for row in rows[start : start + batch_size]]
+        verdicts = [VERDICTS[int(p >= threshold)] for p in probabilities[start : start + len(records)]]
+        with input_errors():
+            encoded = processor.encode(records, with_answers=False, required=RECORD_FIELDS)
+        features = [{**record, **{name: values[i] for name, values in encoded.items()}} for i, record in enumerate(records)]
+        for feature, verdict in zip(features, verdicts):
+            feature["prompt_ids"] = list(feature["prompt_ids"]) + verdict_ids[verdict]
+        batch = processor.pad(features, include_answers=False)
+        batch = {key: batch[key].to(model.device) for key in MODEL_INPUTS}
+        new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens)
+        # GenerationMixin returns the prompt followed by the answer; the verdict is decoded with what follows it.
+        for row, verdict in zip(new_tokens[:, batch["input_ids"].shape[1]:].tolist(), verdicts):
+            texts.append(tokenizer.decode(verdict_ids[verdict] + row, skip_special_tokens=True).strip())
     return texts
 
 
@@ -510,11 +544,14 @@ def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, tr
     if data_args.generate_reasons_for > 0:
         count = min(data_args.generate_reasons_for, len(test))
         rows = [test[i] for i in range(count)]
-        texts = generate_reasons(model, tokenizer, collator_kwargs, rows, data_args.max_new_tokens, training_args.per_device_eval_batch_size)
+        texts = generate_reasons(model, trainer.processing_class, rows, scores[:count], data_args.verdict_threshold,
+                                 data_args.max_new_tokens, training_args.per_device_eval_batch_size)
         predictions["generated"] = texts + [None] * (len(test) - count)
-        agree = [verdict_of(text) == int(scores[i] > 0) for i, text in enumerate(texts)]
+        threshold_logit = math.log(data_args.verdict_threshold / (1 - data_args.verdict_threshold))
+        agree = [verdict_of(text) == int(scores[i] >= threshold_logit) for i, text in enumerate(texts)]
         metrics["generated_rows"] = float(count)
         metrics["verdict_agrees_with_score"] = float(np.mean(agree))
+        metrics["reason_body_empty"] = float(np.mean([not reason_body(text) for text in texts]))
         for index, text in enumerate(texts[:5]):
             print(f"[user {rows[index]['UserID']} / {rows[index]['TargetItemTitle']!r} / label {rows[index]['label']} / "
                   f"P(Yes)={predictions['score'][index]:.3f}] {text[:200]}")
@@ -560,6 +597,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     check_template(template, model, training_args.stage)
     reason_template = data_args.reason_template or default_template(training_args.stage, model_args.init_from, reason=True)
     check_template(reason_template, model, training_args.stage)
+    if data_args.score_prompt == "reason":
+        # One prompt for everything: recommendation rows learn (and are scored at) the reason prompt's first answer position.
+        template = reason_template
     collator_kwargs = {
         "template": template,
         "reason_template": reason_template,
@@ -568,17 +608,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "use_chat_template": data_args.use_chat_template,
         "tokens_per_id": model.config.tokens_per_id,
         "seed": training_args.seed,
+        "title_keywords": data_args.title_keywords,
         **item_nouns_from_metadata(metadata, data_args.records_dir),
     }
     # One processor renders and tokenises every record; Trainer saves it (processing_class) with each checkpoint.
     processor = build_processor(tokenizer, **collator_kwargs)
     collator = ThinkRecCollator(processor=processor)
+    reason_rows = load_reason_rows(data_args.reason_records) if data_args.reason_records else None
+    if processor.needs_keywords:
+        splits = with_item_keywords(splits, data_args.records_dir)
+        if reason_rows is not None:
+            reason_rows = with_item_keywords({"reasons": reason_rows}, data_args.records_dir)["reasons"]
 
     train_rows = splits["train"]
-    if data_args.reason_records:
-        train_rows = interleave_reasoning_rows(
-            splits["train"], load_reason_rows(data_args.reason_records), training_args.reasoning_share, training_args.seed
-        )
+    if reason_rows is not None:
+        train_rows = interleave_reasoning_rows(splits["train"], reason_rows, training_args.reasoning_share, training_args.seed)
         logger.info("training rows: %d (%d reasoning)", len(train_rows), sum(m == "reason" for m in train_rows["mode"]))
     # Tokenised once and cached (the main process first, the other ranks read its cache). Training and
     # validation rows keep the raw columns the loss and metrics read; test rows keep all of them, since

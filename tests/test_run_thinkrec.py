@@ -141,10 +141,12 @@ def test_a_text_only_stage_refuses_a_reason_template_with_id_slots(assets, tmp_p
         run(tmp_path, args)
 
 
-def test_generated_reasons_are_asked_for_with_the_reason_template(stage1, assets, monkeypatch):
-    """Recommendation prompts ask for one word; generation must use the prompt that asks for the reason."""
+def test_generated_reasons_are_asked_for_with_the_reason_template_and_start_with_the_scores_verdict(stage1, assets, monkeypatch):
+    """Recommendation prompts ask for one word; generation must use the prompt that asks for the reason,
+    and the verdict written is the score's (one decision per row), the reason generated after it."""
     from transformers import AutoTokenizer
 
+    from data_collator import build_processor
     from modeling_thinkrec import ThinkRecForCausalLM
 
     stage1_dir, _ = stage1
@@ -158,10 +160,40 @@ def test_generated_reasons_are_asked_for_with_the_reason_template(stage1, assets
 
     monkeypatch.setattr(model, "generate", recording_generate)
     records = load_prepared(assets["records"]).splits["test"]
-    kwargs = {"template": "text_only", "reason_template": "reflection_text_only", "max_prompt_tokens": None}
-    texts = run_thinkrec.generate_reasons(model, tokenizer, kwargs, records.head(3).to_dict("records"), 4, 2)
+    processor = build_processor(tokenizer, template="text_only", reason_template="reflection_text_only")
+    # log-odds scores: P(Yes) = 0.95, 0.05, 0.52 and, at threshold 0.6, the third is a No.
+    scores = np.log(np.array([0.95, 0.05, 0.52]) / (1 - np.array([0.95, 0.05, 0.52])))
+    texts = run_thinkrec.generate_reasons(model, processor, records.head(3).to_dict("records"), scores, 0.5, 4, 2)
     assert len(texts) == 3 and len(prompts) == 3
     assert all("explain the reason" in prompt for prompt in prompts)
+    assert [text[:3] for text in texts] == ["Yes", "No.", "Yes"] and texts[0].startswith("Yes.")
+    assert [prompt.rstrip().endswith(verdict) for prompt, verdict in zip(prompts, ["Yes.", "No.", "Yes."])] == [True] * 3
+    texts = run_thinkrec.generate_reasons(model, processor, records.head(3).to_dict("records"), scores, 0.6, 4, 3)
+    assert [text[:3] for text in texts] == ["Yes", "No.", "No."]
+
+
+def test_predicted_reasons_agree_with_the_scores(stage1):
+    """Before, the verdict was whatever the model wrote first: a barely trained model's text agreed with
+    its own score in about 1% of ML-1M rows, and one quickstart answer was empty."""
+    output_dir, results = stage1
+    assert results["test"]["verdict_agrees_with_score"] == 1.0
+    predictions = pd.read_parquet(output_dir / "test_predictions.parquet")
+    generated = predictions[predictions["generated"].notna()]
+    assert ((generated["score"] >= 0.5) == generated["generated"].str.startswith("Yes.")).all()
+    assert (generated["generated"].str.len() > 0).all()
+
+
+def test_scores_can_be_read_at_the_reason_prompt(assets, tmp_path):
+    """score_prompt="reason": recommendation rows are trained and scored at the reason prompt, as published."""
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), stage="lora", max_steps=1,
+                     do_predict=True, score_prompt="reason", generate_reasons_for=2, max_new_tokens=3)
+    results = run(tmp_path, args)
+    processor_config = json.loads((tmp_path / "out" / "processor_config.json").read_text())
+    assert processor_config["templates"] == processor_config["reason_templates"]
+    assert "explain the reason" in processor_config["templates"][0]
+    assert results["test"]["verdict_agrees_with_score"] == 1.0
+    with pytest.raises(ValueError, match="score_prompt must be one of"):
+        run(tmp_path, dict(args, score_prompt="answer"), name="bad.json")
 
 
 def test_evaluation_subsets_keep_whole_users(assets):

@@ -26,6 +26,15 @@ def verdict_of(text: str) -> Optional[int]:
     return 1 if match.group(1).lower() == "yes" else 0
 
 
+LEADING_VERDICT = re.compile(r"^\W*(yes|no)\b[\s.,:;!\-\u2013\u2014]*", re.IGNORECASE)
+
+
+def reason_body(text: str) -> str:
+    """The explanation of an answer: the text after its leading "Yes"/"No" and punctuation ("" if none)."""
+    match = LEADING_VERDICT.match(text or "")
+    return (text or "")[match.end():].strip() if match else (text or "").strip()
+
+
 def _pyplot():
     import matplotlib
 
