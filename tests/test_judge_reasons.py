@@ -112,3 +112,73 @@ def test_command_names_the_file_for_bad_input(files, tmp_path):
     pd.DataFrame({"UserID": [1], "TargetItemID": [10]}).to_parquet(tmp_path / "nogen.parquet")
     with pytest.raises(ValueError, match="generate_reasons_for"):
         judge_reasons.main(["--predictions", str(tmp_path / "nogen.parquet")])
+
+
+# ---------------------------------------------------------------------------------- stance, grounding
+
+POSITIVE_BODIES = [
+    "The user loves {0} and this is exactly that kind of story, a perfect fit.",
+    "It matches the {0} the user rated highly, so they will enjoy it.",
+    "Everything the user liked points to {0}, and this one delivers it well.",
+]
+NEGATIVE_BODIES = [
+    "The user dislikes {0} and has rejected several titles like this one.",
+    "Nothing the user enjoyed is about {0}; this is a poor fit for them.",
+    "The user rated {0} badly, so this is unlikely to please them.",
+]
+TOPICS = ["westerns", "space operas", "heist thrillers", "family comedies", "war dramas", "musicals", "horror films",
+          "courtroom dramas"]
+
+
+def stance_references():
+    texts = [f"Yes. {body.format(topic)}" for body in POSITIVE_BODIES for topic in TOPICS]
+    return texts + [f"No. {body.format(topic)}" for body in NEGATIVE_BODIES for topic in TOPICS]
+
+
+def test_the_stance_checker_reads_the_body_not_the_verdict_word():
+    checker = judging.StanceChecker.fit(stance_references(), held_out=0.25, seed=0)
+    assert checker.accuracy == 1.0 and checker.train_rows == 36 and checker.test_rows == 12
+    body = "The user loves sports films and this is exactly that kind of story, a perfect fit."
+    # Same body under both verdicts: only the "Yes." one argues for its verdict.
+    assert checker.agrees([f"Yes. {body}", f"No. {body}"]) == 0.5
+    assert list(checker.stances([f"No. {body}", "Yes.", "No. The user dislikes sports films and rejected titles like this."])) == [1, -1, 0]
+    # An empty body argues for nothing: it does not agree.
+    assert checker.agrees(["Yes.", f"Yes. {body}"]) == 0.5
+    with pytest.raises(ValueError, match="at least 5 reasons of each verdict"):
+        judging.StanceChecker.fit(stance_references()[:24])
+
+
+ITEMS = pd.DataFrame({
+    "ItemID": [1, 2, 3],
+    "title": ["Heat (1995)", "Fargo (1996)", "Big (1988)"],
+    "genres": ["Action|Crime", "Crime|Drama", "Comedy"],
+    "keywords": [["heist", "los angeles"], ["kidnapping", "snow"], ["toys"]],
+})
+
+
+def test_grounding_counts_names_of_the_rows_own_items_by_hand():
+    grounding = judging.Grounding(ITEMS)
+    text = 'Yes. "Fargo" is a crime story with snow, like "Jaws" and Big (1988); it is a comedy about a heist.'
+    found = grounding.mentions(text, [1, 2])  # target Heat, history Fargo
+    assert sorted(found) == sorted([
+        ("title", "fargo", True), ("title", "jaws", False), ("title", "big", False),
+        ("genre", "crime", True), ("genre", "comedy", False), ("keyword", "snow", True), ("keyword", "heist", True),
+    ])
+    result = grounding.score([text, "No. Nothing to go on."], [[1, 2], [3]])
+    assert result["grounding"] == pytest.approx(4 / 7)
+    assert result["grounding_titles"] == pytest.approx(1 / 3) and result["title_mentions"] == 3
+    assert result["grounding_genres"] == pytest.approx(1 / 2) and result["grounding_keywords"] == 1.0
+    assert result["rows_without_mentions"] == 1
+    assert set(result["ungrounded_examples"]) == {"title: jaws", "title: big", "genre: comedy"}
+
+
+def test_judge_reports_stance_and_grounding_with_their_inputs():
+    generated = ['Yes. The user loves westerns like "Fargo", a perfect fit.', "No."]
+    result = judge(generated, scores=[0.8, 0.1], use_embeddings=False,
+                   stance=judging.StanceChecker.fit(stance_references()), grounding=judging.Grounding(ITEMS),
+                   item_ids=[[1, 2], [3]])
+    assert result["body_agrees_with_verdict"] == 0.5  # the empty "No." body argues for nothing
+    assert result["reason_body_empty"] == 0.5
+    assert result["grounding"] == 1.0 and result["mentions"] == 1
+    without = judge(generated, use_embeddings=False)
+    assert "body_agrees_with_verdict" in without["skipped"] and "grounding" in without["skipped"]

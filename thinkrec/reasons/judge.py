@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from thinkrec.evaluation.reporting import verdict_of
+from thinkrec.evaluation.reporting import reason_body, verdict_of
 from thinkrec.utils.errors import MissingInputError
 
 
@@ -190,6 +191,153 @@ def repeated_ngram_rate(text: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+# ------------------------------------------------------------------------------------------ stance
+
+
+class StanceChecker:
+    """Does a reason argue for its verdict? A logistic regression on MiniLM embeddings of reason
+    bodies — the text after the leading "Yes"/"No", so the verdict word itself is not seen — trained
+    to predict the verdict. It does not use the model under test: it is fitted on reference reasons
+    (one seeded part) and its accuracy is reported on the other part.
+
+    >>> checker = StanceChecker.fit(references)          # doctest: +SKIP
+    >>> checker.accuracy, checker.agrees(generated)        # doctest: +SKIP
+    """
+
+    def __init__(self, classifier, model_dir: Optional[str], accuracy: float, train_rows: int, test_rows: int):
+        self.classifier, self.model_dir = classifier, model_dir
+        self.accuracy, self.train_rows, self.test_rows = accuracy, train_rows, test_rows
+
+    @classmethod
+    def fit(cls, references: Sequence[str], held_out: float = 0.3, seed: int = 0, model_dir: Optional[str] = None) -> "StanceChecker":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+
+        pairs = [(reason_body(text), verdict_of(text)) for text in references]
+        pairs = [(body, verdict) for body, verdict in pairs if verdict is not None and body]
+        labels = np.array([verdict for _, verdict in pairs])
+        counts = np.bincount(labels, minlength=2) if len(labels) else np.zeros(2, dtype=int)
+        if counts.min() < 5:
+            raise ValueError(f"stance check: the references need at least 5 reasons of each verdict with a body; found "
+                             f"{counts[1]} Yes and {counts[0]} No.")
+        vectors = sentence_embeddings([body for body, _ in pairs], model_dir)
+        train_x, test_x, train_y, test_y = train_test_split(vectors, labels, test_size=held_out, random_state=seed, stratify=labels)
+        classifier = LogisticRegression(max_iter=2000, class_weight="balanced").fit(train_x, train_y)
+        accuracy = float((classifier.predict(test_x) == test_y).mean())
+        return cls(classifier, model_dir, accuracy, len(train_y), len(test_y))
+
+    def stances(self, texts: Sequence[str]) -> np.ndarray:
+        """The verdict each text's body argues for (1 Yes, 0 No); -1 where the body is empty."""
+        bodies = [reason_body(text) for text in texts]
+        out = np.full(len(bodies), -1, dtype=np.int64)
+        present = [i for i, body in enumerate(bodies) if body]
+        if present:
+            out[present] = self.classifier.predict(sentence_embeddings([bodies[i] for i in present], self.model_dir))
+        return out
+
+    def agrees(self, texts: Sequence[str]) -> float:
+        """Share of texts with a verdict whose body argues for that verdict (an empty body does not)."""
+        verdicts = [verdict_of(text) for text in texts]
+        stances = self.stances(texts)
+        judged = [(v, s) for v, s in zip(verdicts, stances) if v is not None]
+        if not judged:
+            raise ValueError("stance check: none of the texts starts with a verdict.")
+        return float(np.mean([v == s for v, s in judged]))
+
+
+# ------------------------------------------------------------------------------------------ grounding
+
+_QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]{2,120})[\"\u201c\u201d]")
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def _normal(text: str) -> str:
+    return " ".join(_TOKEN.findall(_YEAR.sub("", str(text)).lower()))
+
+
+def _genre_list(value) -> list[str]:
+    return [g.strip().lower() for g in str(value or "").split("|") if g.strip()]
+
+
+def _alternation(phrases: Sequence[str]) -> Optional[re.Pattern]:
+    phrases = sorted({p for p in phrases if p}, key=len, reverse=True)
+    if not phrases:
+        return None
+    return re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(p) for p in phrases) + r")(?![a-z0-9])")
+
+
+class Grounding:
+    """Which titles, genres and keywords a reason names, and whether each belongs to the row's own
+    items (its target and history, as the prompt shows them): a mention of anything else is counted as
+    ungrounded (hallucinated). Quoted spans are names (a title, else a keyword or genre, else an
+    unknown title); unquoted full titles (with their year), genres and keywords (3+ letters) are found
+    on word boundaries."""
+
+    def __init__(self, items: pd.DataFrame):
+        self.titles: dict[str, set[int]] = {}
+        for item_id, title in zip(items["ItemID"], items["title"].fillna("")):
+            self.titles.setdefault(_normal(title), set()).add(int(item_id))
+        self.full_titles = {str(title).lower(): int(item_id) for item_id, title in zip(items["ItemID"], items["title"].fillna(""))
+                            if _YEAR.search(str(title))}
+        self.genres = {int(i): set(_genre_list(g)) for i, g in zip(items["ItemID"], items["genres"])} if "genres" in items else {}
+        self.keywords = ({int(i): {str(k).lower() for k in (words if words is not None else [])}
+                          for i, words in zip(items["ItemID"], items["keywords"])} if "keywords" in items else {})
+        genre_vocabulary = set().union(*self.genres.values()) if self.genres else set()
+        keyword_vocabulary = {k for words in self.keywords.values() for k in words if len(k) >= 3} - genre_vocabulary
+        self.genre_vocabulary, self.keyword_vocabulary = genre_vocabulary, keyword_vocabulary
+        self._title_pattern = _alternation(list(self.full_titles))
+        self._genre_pattern = _alternation(list(genre_vocabulary))
+        self._keyword_pattern = _alternation(list(keyword_vocabulary))
+
+    def mentions(self, text: str, item_ids: Sequence[int]) -> list[tuple[str, str, bool]]:
+        """(kind, name, grounded) for every name `text` mentions, against the row's `item_ids`."""
+        ids = {int(i) for i in item_ids}
+        genres = set().union(*(self.genres.get(i, set()) for i in ids)) if ids else set()
+        keywords = set().union(*(self.keywords.get(i, set()) for i in ids)) if ids else set()
+        found, rest = [], (text or "").lower()
+        for span in _QUOTED.findall(text or ""):
+            name = _normal(span)
+            if name in self.titles:
+                found.append(("title", name, bool(self.titles[name] & ids)))
+            elif name in self.keyword_vocabulary:
+                found.append(("keyword", name, name in keywords))
+            elif name in self.genre_vocabulary:
+                found.append(("genre", name, name in genres))
+            elif name:
+                found.append(("title", name, False))
+        rest = _QUOTED.sub(" ", rest)
+        if self._title_pattern is not None:
+            for name in self._title_pattern.findall(rest):
+                found.append(("title", _normal(name), self.full_titles[name] in ids))
+            rest = self._title_pattern.sub(" ", rest)
+        for kind, pattern, present in (("genre", self._genre_pattern, genres), ("keyword", self._keyword_pattern, keywords)):
+            if pattern is not None:
+                found += [(kind, name, name in present) for name in pattern.findall(rest)]
+        return found
+
+    def score(self, texts: Sequence[str], item_ids: Sequence[Sequence[int]]) -> dict:
+        """grounding (grounded share of all mentions), per-kind shares and counts, rows without any
+        mention, and a few ungrounded names."""
+        by_kind = {kind: [0, 0] for kind in ("title", "genre", "keyword")}
+        rows_without, ungrounded = 0, Counter()
+        for text, ids in zip(texts, item_ids):
+            found = self.mentions(text, ids)
+            rows_without += not found
+            for kind, name, grounded in found:
+                by_kind[kind][0] += grounded
+                by_kind[kind][1] += 1
+                if not grounded:
+                    ungrounded[f"{kind}: {name}"] += 1
+        total = sum(n for _, n in by_kind.values())
+        result = {"grounding": sum(g for g, _ in by_kind.values()) / total if total else None, "mentions": total,
+                  "rows_without_mentions": rows_without}
+        for kind, (grounded, n) in by_kind.items():
+            result[f"grounding_{kind}s"] = grounded / n if n else None
+            result[f"{kind}_mentions"] = n
+        result["ungrounded_examples"] = [name for name, _ in ungrounded.most_common(5)]
+        return result
+
+
 # ------------------------------------------------------------------------------------------ judging
 
 
@@ -202,9 +350,14 @@ def judge(
     ngram: int = 3,
     embedding_model: Optional[str] = None,
     use_embeddings: bool = True,
+    stance: Optional[StanceChecker] = None,
+    grounding: Optional[Grounding] = None,
+    item_ids: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """Every metric that the inputs allow; `skipped` says why the others are absent.
-    `scores` are P(Yes); the score's verdict is Yes when score >= threshold."""
+    `scores` are P(Yes); the score's verdict is Yes when score >= threshold. `stance` (fitted on
+    references) gives body_agrees_with_verdict; `grounding` with each row's `item_ids` (target and
+    history) gives the grounded share of the names the reasons mention."""
     generated = [str(text or "") for text in generated]
     if not generated:
         raise ValueError("judge: no generated reasons to judge.")
@@ -221,6 +374,18 @@ def judge(
         result["verdict_agrees_with_label"] = float(np.mean([v == int(label) for v, label in zip(verdicts, labels)]))
     else:
         skipped["verdict_agrees_with_label"] = "no label column"
+    result["reason_body_empty"] = float(np.mean([v is not None and not reason_body(text) for v, text in zip(verdicts, generated)]))
+    if stance is not None:
+        result["body_agrees_with_verdict"] = stance.agrees(generated)
+        result.update(stance_accuracy=stance.accuracy, stance_train_rows=stance.train_rows, stance_test_rows=stance.test_rows)
+    else:
+        skipped["body_agrees_with_verdict"] = "no stance checker (needs references of both verdicts)"
+    if grounding is not None:
+        if item_ids is None or len(item_ids) != len(generated):
+            raise ValueError("judge: grounding needs the item ids (target and history) of every judged row.")
+        result.update(grounding.score(generated, item_ids))
+    else:
+        skipped["grounding"] = "no records (item table and histories) given"
     lengths = np.array([len(words(text)) for text in generated])
     result.update(words_mean=float(lengths.mean()), words_median=float(np.median(lengths)), words_max=int(lengths.max()))
     result[f"repeated_{ngram}gram_rate"] = float(np.mean([repeated_ngram_rate(text, ngram) for text in generated]))
