@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, set_seed
 
 from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
+from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import load_prepared
 from thinkrec.reasons.reflection import (
@@ -66,15 +67,17 @@ class ReflectArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Choose the threshold on a seeded subset of validation."})
     max_reasons: Optional[int] = field(default=None, metadata={"help": "Explain at most this many mispredicted rows (seeded choice)."})
     balance_verdicts: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "When the mispredicted rows lean to one label, add correctly predicted train rows of the other "
-                  "label (seeded) up to equal counts: a one-sided reason split teaches one verdict for every row."},
+                  "label (seeded) up to equal counts: a one-sided reason split teaches one verdict for every row "
+                  "(measured: 479 of 480 mispredicted ML-1M rows were negatives)."},
     )
     threshold_metric: str = field(default="accuracy", metadata={"help": f"What the validation threshold maximises: {THRESHOLD_METRICS}."})
     template: Optional[str] = field(
         default=None, metadata={"help": "Prompt template used in training (default: text_only for a text-only model, else collaborative)."}
     )
     history_item_slots: bool = field(default=False, metadata={"help": "As in training: an item slot after every history title."})
+    title_keywords: int = field(default=0, metadata={"help": "As in training: keywords shown after every title."})
     max_prompt_tokens: Optional[int] = field(default=512, metadata={"help": "As in training: prompt token budget."})
     use_chat_template: bool = field(default=False, metadata={"help": "As in training: wrap prompts in the chat template."})
     batch_size: int = field(default=16, metadata={"help": "Rows per scoring batch."})
@@ -124,8 +127,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     collator = ThinkRecCollator(
         tokenizer, template=template, include_answers=False, history_item_slots=args.history_item_slots,
         max_prompt_tokens=args.max_prompt_tokens, use_chat_template=args.use_chat_template,
-        tokens_per_id=model.config.tokens_per_id, seed=args.seed, **item_nouns_from_metadata(records.metadata, args.records_dir),
+        tokens_per_id=model.config.tokens_per_id, seed=args.seed, title_keywords=args.title_keywords,
+        **item_nouns_from_metadata(records.metadata, args.records_dir),
     )
+    if KEYWORDS_COLUMN in records.items:
+        # The prompts (when they show keywords) and the teachers read them from the rows.
+        keywords = item_keywords(records.items, f"{args.records_dir} item table")
+        train, validation = attach_keywords(train, keywords), attach_keywords(validation, keywords)
+    elif collator.processor.needs_keywords:
+        item_keywords(records.items, f"{args.records_dir} item table")  # the error that says how to add them
     logger.info("scoring %d validation and %d train rows with %s (template %s)", len(validation), len(train), args.model_dir, template)
 
     validation_scores = score_rows(model, collator, validation, args.batch_size)
@@ -156,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 results[index] = result
     kept = [index for index, result in enumerate(results) if result.status == "kept"]
 
-    reason_rows = to_explain.iloc[kept].copy()
+    # Record columns only: keywords are attached again from the item table by whoever reads the split.
+    reason_rows = to_explain.iloc[kept].drop(columns=["TargetItemKeywords", "HisItemKeywords"], errors="ignore")
     reason_rows["reason"] = [results[index].reason for index in kept]
     reason_rows["mode"] = "reason"
     atomic_write(output_path, lambda temp: reason_rows.to_parquet(temp, index=False))
@@ -176,6 +187,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "train_accuracy": float(1 - wrong.mean()),
         "mispredicted": int(len(mispredicted)),
         "added_for_balance": int(added_for_balance),
+        "mispredicted_positives": int(mispredicted["label"].sum()),
+        "explained_positives": int(reason_rows["label"].sum()),
         "asked": int(len(rows)),
         "explained": int(len(kept)),
         "rejected": counters["rejected_verdict"],

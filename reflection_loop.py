@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +38,10 @@ from transformers import AutoTokenizer
 import judge_reasons
 import reflect
 import run_thinkrec
+from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.records import load_prepared
 from thinkrec.reasons.reflection import SourceArguments, build_source
+from thinkrec.reasons.sources import SOURCES
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import InputError, MissingInputError
@@ -49,8 +51,9 @@ from thinkrec.utils.subsets import metric_cell
 
 logger = logging.getLogger("reflection_loop")
 
-JUDGED = ("bleu", "rouge_l", "meteor", "cosine", "verdict_agrees_with_score", "verdict_agrees_with_label",
-          "verdict_missing", "words_mean", "repeated_3gram_rate")
+JUDGED = ("verdict_agrees_with_score", "body_agrees_with_verdict", "stance_accuracy", "grounding", "bleu", "rouge_l",
+          "meteor", "cosine", "verdict_agrees_with_label", "verdict_missing", "reason_body_empty", "words_mean",
+          "repeated_3gram_rate")
 
 
 @dataclass
@@ -66,8 +69,15 @@ class LoopArguments:
     max_reasons: Optional[int] = field(default=None, metadata={"help": "Explain at most this many mispredicted train rows per round."})
     threshold_metric: str = field(default="accuracy", metadata={"help": "What the validation threshold maximises: accuracy or f1."})
     balance_verdicts: bool = field(
-        default=False, metadata={"help": "reflect.py: add correctly predicted rows of the rarer label so both verdicts are explained."}
+        default=True, metadata={"help": "reflect.py: add correctly predicted rows of the rarer label so both verdicts are explained."}
     )
+    reference_source: str = field(
+        default="local",
+        metadata={"help": "Who writes the references the generated reasons are judged against, told the true answer: "
+                  "'local' (a local HF teacher, default the bundled SmolLM2), 'synthesised' or 'remote'. A source other than "
+                  "the training one keeps the text metrics from measuring imitation of the training reasons."},
+    )
+    reference_model: Optional[str] = field(default=None, metadata={"help": "local references: HF chat model (default: teacher_model, else SmolLM2)."})
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -76,6 +86,8 @@ class LoopArguments:
             raise InputError(f"reasoning_share must be in (0, 1), got {self.reasoning_share}.")
         if self.judge_rows < 1:
             raise InputError(f"judge_rows must be >= 1, got {self.judge_rows}.")
+        if self.reference_source not in SOURCES:
+            raise InputError(f"reference_source must be one of {SOURCES}, got {self.reference_source!r}.")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[LoopArguments, SourceArguments]:
@@ -131,7 +143,8 @@ def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArgument
         "model_dir": model_dir, "records_dir": config["records_dir"], "output_path": output_path, "overwrite": "true",
         "max_train_samples": config.get("max_train_samples"), "max_eval_samples": config.get("max_eval_samples"),
         "max_reasons": loop.max_reasons, "threshold_metric": loop.threshold_metric, "balance_verdicts": loop.balance_verdicts,
-        "template": config.get("template"),
+        "template": score_template(config),
+        "title_keywords": config.get("title_keywords"),
         "history_item_slots": config.get("history_item_slots"), "max_prompt_tokens": config.get("max_prompt_tokens", 512),
         "use_chat_template": config.get("use_chat_template"), "batch_size": config.get("per_device_eval_batch_size"),
         "dtype": config.get("dtype"), "seed": config.get("seed", 42),
@@ -142,6 +155,13 @@ def reflect_flags(config: dict, loop: LoopArguments, source_args: SourceArgument
         if value is not None:
             argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
+
+
+def score_template(config: dict) -> Optional[str]:
+    """The template the round's scores are read at: its reason template when `score_prompt` is "reason"."""
+    if config.get("score_prompt", "recommendation") != "reason":
+        return config.get("template")
+    return config.get("reason_template") or run_thinkrec.default_template(config.get("stage", "lora"), config.get("init_from"), reason=True)
 
 
 def write_references(records, source, judged_rows, path: Path) -> Path:
@@ -186,14 +206,31 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # References for the rows every round generated text for (the same seeded test rows each round).
     records = load_prepared(base["records_dir"])
+    keywords = item_keywords(records.items) if KEYWORDS_COLUMN in records.items else None
     predictions = pd.read_parquet(output / "round0" / "test_predictions.parquet")
     keys = predictions.loc[predictions["generated"].notna(), ["UserID", "TargetItemID"]]
     judged_rows = records.splits["test"].drop_duplicates(["UserID", "TargetItemID"]).merge(keys, on=["UserID", "TargetItemID"])
     tokenizer = AutoTokenizer.from_pretrained(output / "round0")
-    source = build_source(source_args, records, tokenizer, output / "test_references.parquet", base.get("seed", 42))
-    references = write_references(records, source, judged_rows, output / "test_references.parquet")
+    reference_args = replace(source_args, source=loop.reference_source,
+                             teacher_model=loop.reference_model or source_args.teacher_model)
+    if reference_args.source == source_args.source and reference_args.teacher_model == source_args.teacher_model:
+        logger.warning("the references come from the training reasons' own source (%s): BLEU/ROUGE/cosine then measure "
+                       "imitation of that source; set reference_source to another one", source_args.source)
+    references_path = output / f"test_references-{reference_args.source}.parquet"
+    if keywords is not None:
+        judged_rows = attach_keywords(judged_rows, keywords)
+    # References are reused only when written by the same source for the same rows (a rerun of the loop).
+    stamp = {"source": reference_args.source, "teacher_model": reference_args.teacher_model,
+             "max_reason_tokens": reference_args.max_reason_tokens,
+             "rows": sorted([int(u), int(i)] for u, i in zip(judged_rows["UserID"], judged_rows["TargetItemID"]))}
+    stamp_path = references_path.with_suffix(".inputs.json")
+    if not (references_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp):
+        source = build_source(reference_args, records, tokenizer, references_path, base.get("seed", 42))
+        write_references(records, source, judged_rows, references_path)
+        write_json(stamp, stamp_path)
     judged = [judge_reasons.main(["--predictions", str(output / f"round{number}" / "test_predictions.parquet"),
-                                  "--references", str(references)]) for number in range(loop.rounds + 1)]
+                                  "--references", str(references_path), "--records_dir", base["records_dir"]])
+              for number in range(loop.rounds + 1)]
 
     names = ["round 0 (no reasons)"] + [f"round {number} (+ reasons)" for number in range(1, loop.rounds + 1)]
     print(f"\nreflection loop: {base.get('stage', 'lora')} stage, source {source_args.source}, {len(judged_rows)} judged test rows")
@@ -217,11 +254,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "reflections": [{key: reflection[key] for key in ("rows_scored", "threshold", "mispredicted", "explained", "rejected", "failed")}
                         for reflection in reflections],
         "source": source_args.source,
+        "reference_source": reference_args.source,
         "judged_rows": int(judged[-1].get("rows", 0)),
         "arguments": {**asdict(loop), **asdict(source_args)},  # api_key_env is a variable's name, never the key
     }
     write_json(summary, output / "loop_summary.json")
-    print(json.dumps({key: summary[key] for key in ("rounds", "reflections", "source", "judged_rows")}))
+    print(json.dumps({key: summary[key] for key in ("rounds", "reflections", "source", "reference_source", "judged_rows")}))
     return summary
 
 

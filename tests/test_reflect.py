@@ -76,7 +76,7 @@ def test_reflect_explains_the_mispredicted_train_rows(assets, tmp_path, capsys):
     output = tmp_path / "reasons" / "round1.parquet"
     summary = run_reflect(tmp_path, model_dir=str(assets / "model"), records_dir=str(assets / "records"),
                           output_path=str(output), max_train_samples=40, max_eval_samples=20, batch_size=20,
-                          max_reason_tokens=30, seed=3)
+                          max_reason_tokens=30, seed=3, balance_verdicts=False)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["explained"] == summary["explained"]
     saved = json.loads(output.with_suffix(".summary.json").read_text())
     assert saved["rows_scored"] == 40 and saved["validation_rows"] == 20
@@ -128,8 +128,9 @@ def test_balance_by_label_adds_rows_of_the_rarer_label_in_split_order():
 def test_reflect_balance_verdicts_explains_both_labels(assets, tmp_path):
     common = {"model_dir": str(assets / "model"), "records_dir": str(assets / "records"), "max_train_samples": 40,
               "max_eval_samples": 20, "batch_size": 20, "max_reason_tokens": 30, "seed": 3}
-    plain = run_reflect(tmp_path, output_path=str(tmp_path / "plain.parquet"), **common)
-    balanced = run_reflect(tmp_path, output_path=str(tmp_path / "balanced.parquet"), balance_verdicts=True, **common)
+    plain = run_reflect(tmp_path, output_path=str(tmp_path / "plain.parquet"), balance_verdicts=False, **common)
+    # Balanced is the default: a one-sided reason split teaches one verdict for every row.
+    balanced = run_reflect(tmp_path, output_path=str(tmp_path / "balanced.parquet"), **common)
     assert balanced["mispredicted"] == plain["mispredicted"]
     assert balanced["asked"] == plain["asked"] + balanced["added_for_balance"]
     counts = pd.read_parquet(tmp_path / "balanced.parquet")["label"].value_counts()
@@ -143,7 +144,8 @@ def test_reflect_balance_verdicts_explains_both_labels(assets, tmp_path):
 
 def test_reflect_default_output_sits_next_to_the_records(assets, tmp_path):
     summary = run_reflect(tmp_path, model_dir=str(assets / "model"), records_dir=str(assets / "records"),
-                          max_train_samples=12, max_eval_samples=12, max_reasons=3, threshold_metric="f1", overwrite=True)
+                          max_train_samples=12, max_eval_samples=12, max_reasons=3, threshold_metric="f1", overwrite=True,
+                          balance_verdicts=False)
     assert summary["output_path"] == str(assets / "records" / "reasons" / "reasons-model.parquet")
     assert summary["asked"] == min(3, summary["mispredicted"])
     # The records folder still loads (the reasons live in a subfolder load_prepared does not read).
