@@ -63,6 +63,11 @@ class LoopArguments:
     train_args: str = field(metadata={"help": "A run_thinkrec.py args file (.json): records, stage, model, sizes."})
     output_dir: str = field(metadata={"help": "Folder of the loop: round0/, round1/, ..., reason splits, references, summary."})
     rounds: int = field(default=1, metadata={"help": "Reflection rounds after the first training (>= 1)."})
+    train_round0: bool = field(
+        default=True,
+        metadata={"help": "False: round 0 is train_args' init_from model as it is (evaluated, not trained), so the loop "
+                  "reflects on a finished model, e.g. stage 2, and round 1 trains from it with the reasons."},
+    )
     reasoning_share: float = field(default=0.2, metadata={"help": "Share of training rows that are reasoning rows in rounds >= 1."})
     judge_rows: int = field(default=200, metadata={"help": "Test rows whose generated reasons are judged (the first N of the test rows)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Generation length of a reason."})
@@ -182,6 +187,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     loop, source_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     base = read_train_args(loop.train_args)
+    if not loop.train_round0 and not base.get("init_from"):
+        raise InputError(f"{loop.train_args}: train_round0=false evaluates the init_from model as round 0, but init_from is not set.")
     output = Path(loop.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     common = {"do_train": True, "do_predict": True, "generate_reasons_for": loop.judge_rows, "max_new_tokens": loop.max_new_tokens}
@@ -190,6 +197,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for number in range(loop.rounds + 1):
         started = time.perf_counter()
         config = {**base, **common, "output_dir": str(output / f"round{number}")}
+        if number == 0 and not loop.train_round0:
+            config["do_train"] = False
         if number > 0:
             reasons_path = output / f"reasons-round{number - 1}.parquet"
             logger.info("round %d: reflecting on round %d's model", number, number - 1)

@@ -59,3 +59,31 @@ def test_experts_model_trains_scores_and_reloads_in_bfloat16_on_cuda(tmp_path):
                             user_slot_ids=prompts["user_slot_ids"], item_slot_ids=prompts["item_slot_ids"],
                             history_item_ids=prompts["history_item_ids"], user_ids=prompts["user_ids"], max_new_tokens=4)
     assert tokens.shape[0] == 3 and tokens.device.type == "cuda"
+
+
+def test_run_thinkrec_in_bfloat16_on_cuda_scores_and_writes_reasons_that_start_with_the_scores_verdict(tmp_path):
+    """The whole predict path on the GPU in bf16: tokenised rows with keywords after every title, scores,
+    and generated reasons whose verdict is the score's."""
+    import json
+
+    import pandas as pd
+    from _run_fixtures import write_backbone, write_records
+
+    import run_thinkrec
+    from thinkrec.data.keywords import save_item_keywords
+    from thinkrec.data.records import load_items
+
+    write_records(tmp_path / "records")
+    write_backbone(tmp_path / "backbone")
+    items = load_items(tmp_path / "records")
+    save_item_keywords(tmp_path / "records", {int(i): [f"kw{i}", "film"] for i in items["ItemID"]}, {"method": "test"})
+    args = {"records_dir": str(tmp_path / "records"), "output_dir": str(tmp_path / "out"), "model_name_or_path": str(tmp_path / "backbone"),
+            "stage": "lora", "dtype": "bfloat16", "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "max_steps": 2,
+            "learning_rate": 1e-3, "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "do_train": True,
+            "do_predict": True, "generate_reasons_for": 6, "max_new_tokens": 4, "title_keywords": 2, "seed": 1}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    results = run_thinkrec.main([str(tmp_path / "args.json")])
+    assert results["test"]["verdict_agrees_with_score"] == 1.0
+    predictions = pd.read_parquet(tmp_path / "out" / "test_predictions.parquet")
+    generated = predictions[predictions["generated"].notna()]
+    assert len(generated) == 6 and ((generated["score"] >= 0.5) == generated["generated"].str.startswith("Yes.")).all()
