@@ -2,8 +2,8 @@
 """Does the LLM recommender beat the collaborative model it reads? ML-1M (CoLLM split).
 
 Rows: MF alone, text-only LoRA (stage 1, TALLRec-style), stage 1 + projector (stage 2,
-CoLLM-style), and with --experts stage 2 + user-cluster LoRA experts (stage 3, ThinkRec-style) for
-2 and 5 clusters, trained with hard routing (each row trains its cluster's expert, as published, and
+CoLLM-style), and with --experts a control (stage 2's one LoRA trained further on the experts' rows)
+and stage 2 + user-cluster LoRA experts (stage 3, ThinkRec-style) for 2 and 5 clusters, trained with hard routing (each row trains its cluster's expert, as published, and
 the general expert) and evaluated under hard and soft routing; AUC / UAUC / warm / cold AUC on the
 same test rows. A stage whose folder already holds results for the same arguments is reused.
 
@@ -170,6 +170,14 @@ def main() -> None:
     names = {"mf": "MF alone", "stage1": "stage 1 (text-only LoRA)", "stage2": "stage 2 (+ MF projector)"}
     if args.experts:
         expert_settings = dict(settings, train_rows=args.expert_train_rows or settings["train_rows"])
+        # Control: the experts get extra training steps on top of stage 2, so stage 2's single LoRA gets the
+        # same rows and steps too; a gain of the experts over this row is the gain of the mixture itself.
+        control, control_seconds = run_stage(
+            "stage2_more_lora", expert_settings, args, records, output,
+            {"stage": "lora", "init_from": str(output / "stage2_projector"), "template": "collaborative"},
+        )
+        table["stage2_more_lora"], seconds["stage2_more_lora"] = summary(control["test"]), control_seconds
+        names["stage2_more_lora"] = "stage 2 + same rows, one LoRA"
         for clusters in args.expert_clusters:
             name = f"experts_k{clusters}"
             trained, trained_seconds = run_stage(

@@ -182,3 +182,10 @@ def test_judge_reports_stance_and_grounding_with_their_inputs():
     assert result["grounding"] == 1.0 and result["mentions"] == 1
     without = judge(generated, use_embeddings=False)
     assert "body_agrees_with_verdict" in without["skipped"] and "grounding" in without["skipped"]
+
+
+def test_the_verdict_word_is_not_counted_as_a_name():
+    items = pd.DataFrame({"ItemID": [1, 2], "title": ["Yes (2004)", "Heat (1995)"], "genres": ["Drama", "Crime"],
+                          "keywords": [["yes", "love"], ["heist"]]})
+    result = judging.Grounding(items).score(["Yes. A heist."], [[2]])
+    assert result["mentions"] == 1 and result["grounding"] == 1.0

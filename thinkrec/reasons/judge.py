@@ -321,7 +321,7 @@ class Grounding:
         by_kind = {kind: [0, 0] for kind in ("title", "genre", "keyword")}
         rows_without, ungrounded = 0, Counter()
         for text, ids in zip(texts, item_ids):
-            found = self.mentions(text, ids)
+            found = self.mentions(reason_body(text), ids)  # the verdict word is not a name (a title may be "Yes")
             rows_without += not found
             for kind, name, grounded in found:
                 by_kind[kind][0] += grounded

@@ -511,6 +511,7 @@ class LocalTeacher(ReasonSource):
         prefill_verdict: start the assistant turn with the true verdict ("Yes."), so that small
             teachers, which often open with filler, explain the given answer instead.
         batch_size, max_new_tokens: generation settings.
+        no_repeat_ngram_size: greedy decoding never repeats a word 3-gram (0 = off); small teachers loop without it.
         item_noun, item_noun_plural: what the items are, as the prompts name them.
     """
 
@@ -518,9 +519,12 @@ class LocalTeacher(ReasonSource):
 
     def __init__(self, model_name_or_path: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 160,
                  prefill_verdict: bool = True, max_reason_tokens: int = 200, dtype=None, model=None, tokenizer=None,
-                 item_noun: str = DEFAULT_ITEM_NOUN, item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL):
+                 item_noun: str = DEFAULT_ITEM_NOUN, item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
+                 no_repeat_ngram_size: int = 3):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.no_repeat_ngram_size = no_repeat_ngram_size
 
         if model is None:
             if model_name_or_path is None:
@@ -561,8 +565,9 @@ class LocalTeacher(ReasonSource):
                 batch = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
                                        add_special_tokens=False).to(self.model.device)
                 with torch.no_grad():
+                    # no_repeat_ngram_size: small teachers otherwise loop on a phrase until the token limit.
                     generated = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                                    pad_token_id=pad_id)
+                                                    pad_token_id=pad_id, no_repeat_ngram_size=self.no_repeat_ngram_size)
                 texts += [text.strip() for text in self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:],
                                                                                skip_special_tokens=True)]
         finally:
