@@ -113,6 +113,8 @@ class ThinkRecConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_vocab_size: int | None = None
+    cf_records_fingerprint: str | None = None
+    cf_records_dir: str | None = None
     routing_temperature: float = 0.1
     routing_confidence_base: float = 0.5
     routing_confidence_scale: float = 0.6

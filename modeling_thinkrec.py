@@ -209,6 +209,9 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 "cf_embedding_dim": int(cf_checkpoint.embedding_dim),
                 "num_users": int(cf_checkpoint.num_users),
                 "num_items": int(cf_checkpoint.num_items),
+                # Which records the tables index (checked against the records a stage trains on).
+                "cf_records_fingerprint": cf_checkpoint.config.get("records_fingerprint"),
+                "cf_records_dir": cf_checkpoint.config.get("records_dir"),
             }
             if cf_checkpoint.model_type == "sasrec":
                 encoder = cf_checkpoint.sequence_encoder

@@ -30,7 +30,7 @@ from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
 from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.data.records import load_prepared
+from thinkrec.data.records import check_same_records, load_prepared
 from thinkrec.reasons.reflection import (
     THRESHOLD_METRICS,
     SourceArguments,
@@ -122,6 +122,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise MissingInputError(f"model_dir={args.model_dir}: not a ThinkRec model folder (no config.json).")
     model = ThinkRecForCausalLM.from_pretrained(args.model_dir, **load_kwargs(args.dtype)).eval()
+    if model.config.cf_model_type != "none":
+        check_same_records(model.config.cf_records_fingerprint, model.config.cf_records_dir,
+                           f"the collaborative tables of model_dir={args.model_dir}", args.records_dir, records.metadata)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     template = args.template or ("text_only" if model.config.cf_model_type == "none" else "collaborative")
     collator = ThinkRecCollator(

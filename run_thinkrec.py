@@ -48,7 +48,7 @@ from processing_thinkrec import MODEL_INPUTS, RECORD_FIELDS
 from thinkrec.collaborative.models import load_cf_checkpoint
 from thinkrec.data.keywords import attach_keywords, attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.data.records import load_items, load_records_dataset
+from thinkrec.data.records import check_same_records, load_items, load_records_dataset
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, reason_body, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
@@ -330,9 +330,13 @@ def with_collaborative_vectors(model: ThinkRecForCausalLM, tokenizer, cf_checkpo
     return combined
 
 
-def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict, train_rows=None):
+def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict, train_rows=None,
+                records_dir: Optional[str] = None):
     stage = training_args.stage
     cf = load_cf_checkpoint(model_args.cf_checkpoint) if model_args.cf_checkpoint else None
+    if cf is not None and records_dir is not None:
+        check_same_records(cf.config.get("records_fingerprint"), cf.config.get("records_dir"),
+                           f"cf_checkpoint={model_args.cf_checkpoint}", records_dir, metadata)
     needs_cf = stage in ("projector", "joint", "experts")
     if stage == "experts" and not model_args.init_from:
         raise InputError("stage 'experts' starts from a stage-1 or stage-2 folder with a LoRA adapter: set init_from.")
@@ -344,6 +348,9 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
         if model_args.model_name_or_path is not None:
             check_same_backbone(model, model_args.model_name_or_path, model_args.init_from)
         backbone = model.config.text_config._name_or_path or model_args.init_from
+        if model.config.cf_model_type != "none" and records_dir is not None:
+            check_same_records(model.config.cf_records_fingerprint, model.config.cf_records_dir,
+                               f"the collaborative tables of init_from={model_args.init_from}", records_dir, metadata)
         if needs_cf and model.config.cf_model_type == "none":
             if cf is None:
                 raise InputError(f"stage {stage!r} needs collaborative vectors: init_from has none, so set cf_checkpoint.")
@@ -592,7 +599,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     push_requested, training_args.push_to_hub = training_args.push_to_hub, False
 
     splits, metadata = load_splits(data_args, training_args.seed)
-    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"])
+    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"], data_args.records_dir)
     template = data_args.template or default_template(training_args.stage, model_args.init_from)
     check_template(template, model, training_args.stage)
     reason_template = data_args.reason_template or default_template(training_args.stage, model_args.init_from, reason=True)

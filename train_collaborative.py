@@ -42,7 +42,7 @@ from thinkrec.collaborative.training import (
     zero_untrained_rows,
 )
 from thinkrec.data.preparation import SPLITS
-from thinkrec.data.records import load_prepared
+from thinkrec.data.records import load_prepared, records_fingerprint
 from thinkrec.evaluation.metrics import compute_metrics
 from thinkrec.utils.arguments import parse_args, run_command
 from thinkrec.utils.errors import InputError, MissingInputError
@@ -340,6 +340,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "metrics": {f"valid/{key}": value for key, value in outcome.valid_metrics.items() if "@" not in key}
         | {f"test/{key}": value for key, value in outcome.test_metrics.items() if "@" not in key},
         "records_dir": data_args.records_dir,
+        "records_fingerprint": records_fingerprint(metadata),
         "source": metadata.get("source"),
     }
     checkpoint = checkpoint_from_model(outcome.model, num_users=int(metadata["num_users"]), config=checkpoint_config)

@@ -486,3 +486,26 @@ def test_records_rewritten_in_place_are_read_again_not_served_from_the_cache(ass
     assert len(splits["train"]) == 10
     splits, _ = run_thinkrec.load_splits(run_thinkrec.DataArguments(records_dir=str(assets["records"])), seed=0)
     assert len(splits["train"]) == assets["metadata"]["rows"]["train"]
+
+
+def test_collaborative_tables_from_other_records_stop_with_both_folders_named(assets, tmp_path):
+    """Preparing data again renumbers users and items: tables of the right size from the old records
+    would silently index other ones."""
+    import train_collaborative
+    from _run_fixtures import write_records
+
+    write_records(tmp_path / "other", seed=5)  # same sizes, other interactions
+    train_collaborative.main(["--model_type", "mf", "--records_dir", str(assets["records"]), "--output_dir",
+                              str(tmp_path / "mf"), "--max_epochs", "1", "--embedding_dim", "8"])
+    assert json.loads((tmp_path / "mf" / "cf_config.json").read_text())["config"]["records_fingerprint"]
+    args = arguments(assets, tmp_path / "out", model_name_or_path=str(assets["backbone"]), stage="projector",
+                     template="collaborative", cf_checkpoint=str(tmp_path / "mf"), records_dir=str(tmp_path / "other"), max_steps=1)
+    with pytest.raises(ValueError, match=rf"trained on the records in {assets['records']} .* records_dir={tmp_path / 'other'} holds other records"):
+        run(tmp_path, args)
+    # The same tables on their own records train, and the model remembers which records they index.
+    run(tmp_path, dict(args, records_dir=str(assets["records"])), name="ok.json")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["cf_records_dir"] == str(assets["records"]) and config["cf_records_fingerprint"]
+    with pytest.raises(ValueError, match=r"collaborative tables of init_from=.* holds other records"):
+        run(tmp_path, arguments(assets, tmp_path / "next", init_from=str(tmp_path / "out"), stage="projector",
+                                records_dir=str(tmp_path / "other"), max_steps=1), name="next.json")

@@ -7,6 +7,7 @@ folder with a card is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from huggingface_hub import HfApi
 
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.preparation import SPLITS, PreparedRecords
-from thinkrec.utils.errors import MissingInputError
+from thinkrec.utils.errors import InputError, MissingInputError
 from thinkrec.utils.files import atomic_write, atomic_write_named_by_content, write_json
 
 
@@ -295,6 +296,32 @@ def load_records_dataset(directory: os.PathLike | str) -> tuple[datasets.Dataset
         if split not in present:
             splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     return datasets.DatasetDict({split: splits[split] for split in SPLITS}), metadata
+
+
+def records_fingerprint(metadata: dict) -> str:
+    """What fixes the ids of a prepared folder: the content hashes in the names of its split and user
+    files (the item table is left out: keywords rewrite it without renumbering anything)."""
+    files = metadata["files"]
+    return hashlib.sha256("\n".join(files[name] for name in (*SPLITS, "users")).encode("utf-8")).hexdigest()[:16]
+
+
+def check_same_records(fingerprint: Optional[str], trained_on: Optional[str], what: str, records_dir: os.PathLike | str,
+                       metadata: dict) -> None:
+    """Stop when collaborative tables (`what`, trained on the records in `trained_on` with `fingerprint`)
+    are used with other records: re-prepared data renumbers users and items, and tables of the right
+    size would silently index other ones. Tables saved without a fingerprint are only warned about."""
+    if fingerprint is None:
+        logger.warning("%s carries no records fingerprint (saved by an older version): cannot check that it was "
+                       "trained on %s", what, records_dir)
+        return
+    found = records_fingerprint(metadata)
+    if fingerprint != found:
+        raise InputError(
+            f"{what} was trained on the records in {trained_on or 'another folder'} (fingerprint {fingerprint}), but "
+            f"records_dir={records_dir} holds other records (fingerprint {found}); preparing data again renumbers users "
+            f"and items, so its tables would index other ones. Train the collaborative model on {records_dir} "
+            "(train_collaborative.py), or use the records it was trained on."
+        )
 
 
 def load_items(directory: os.PathLike | str) -> pd.DataFrame:
