@@ -35,10 +35,12 @@ quickstart: install
 	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage2_projector.json
 	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/quickstart/stage3_experts.json
 
-# The reflection loop on the same bundled assets: stage 1 -> reflect (synthesised reasons for the
-# mispredicted train rows) -> stage 1 with the reasons mixed in -> generated reasons judged.
+# The reflection loop on the same bundled assets: items get MiniLM keywords -> stage 1 (titles shown
+# with keywords) -> reflect (synthesised reasons for the mispredicted train rows, balanced by verdict)
+# -> stage 1 with the reasons mixed in -> generated reasons judged against SmolLM2-written references.
 reflection: install
 	$(RUN) $(BIN)/python prepare_data.py examples/quickstart/records.json
+	$(RUN) $(BIN)/python extract_keywords.py --records_dir outputs/quickstart/records --overwrite true
 	$(RUN) $(BIN)/python reflection_loop.py examples/reflection/loop.json
 
 clean:
