@@ -491,8 +491,9 @@ def test_records_rewritten_in_place_are_read_again_not_served_from_the_cache(ass
 def test_collaborative_tables_from_other_records_stop_with_both_folders_named(assets, tmp_path):
     """Preparing data again renumbers users and items: tables of the right size from the old records
     would silently index other ones."""
-    import train_collaborative
     from _run_fixtures import write_records
+
+    import train_collaborative
 
     write_records(tmp_path / "other", seed=5)  # same sizes, other interactions
     train_collaborative.main(["--model_type", "mf", "--records_dir", str(assets["records"]), "--output_dir",
