@@ -104,7 +104,7 @@ def test_reasons_are_kept_only_when_the_verdict_agrees_with_the_label():
     assert results[0].reason == "Yes. Liked."
     assert results[4].truncated and word_count(results[4].reason) <= 20 and results[4].reason.endswith("here.")
     assert source.counters.as_dict() == {
-        "asked": 5, "answered": 4, "rejected_verdict": 1, "failed": 2, "cached": 0, "truncated": 1, "retries": 0,
+        "asked": 5, "answered": 4, "rejected_verdict": 1, "failed": 2, "cached": 0, "truncated": 1, "cut_short": 0, "retries": 0,
     }
 
 
@@ -191,9 +191,14 @@ def test_local_teacher_generates_in_batches_and_checks_verdicts(tiny_teacher):
     rows = [row(item=i, label=i % 2, history=["Alien (1979)"] * (i % 3)) for i in range(5)]
     prefilled = LocalTeacher(model=model, tokenizer=tokenizer, batch_size=2, max_new_tokens=6, max_reason_tokens=40)
     results = prefilled.explain(rows)
-    assert [r.status for r in results] == [KEPT] * 5
-    assert all(r.reason.startswith("Yes." if r.label else "No.") for r in results)
-    assert len(tokenizer(results[0].reason)["input_ids"]) <= 40
+    assert all(r.raw_text.startswith("Yes." if r.label else "No.") for r in results)  # the verdict is prefilled
+    # Six random tokens rarely end a sentence: such answers are cut short, counted, and kept only up to
+    # their last complete sentence (here usually none, so they fail with that reason).
+    counters = prefilled.counters.as_dict()
+    assert counters["cut_short"] == sum(not r.raw_text.rstrip().endswith((".", "!", "?")) for r in results) >= 1
+    for r in results:
+        assert (r.status == KEPT and r.reason.startswith("Yes." if r.label else "No.")) or (
+            r.status == FAILED and r.error == "answer cut short before its first complete sentence"), r
     # Without the verdict prefilled a random LM rarely starts with Yes/No: counted, not kept.
     free = LocalTeacher(model=model, tokenizer=tokenizer, batch_size=3, max_new_tokens=4, prefill_verdict=False)
     statuses = [r.status for r in free.explain(rows)]
@@ -245,7 +250,7 @@ def test_remote_teacher_retries_429_500_timeouts_and_bad_answers():
     assert asked == {"After 429": 2, "Always 500": 3, "Slow once": 2, "Malformed once": 2, "Empty always": 3,
                      "Verdictless": 3, "Wrong verdict": 1, "Unauthorised": 1}
     assert source.counters.as_dict() == {
-        "asked": 8, "answered": 4, "rejected_verdict": 1, "failed": 4, "cached": 0, "truncated": 0,
+        "asked": 8, "answered": 4, "rejected_verdict": 1, "failed": 4, "cached": 0, "truncated": 0, "cut_short": 0,
         "retries": sum(asked.values()) - len(rows),
     }
 
@@ -456,3 +461,18 @@ def test_the_synthesiser_and_the_teacher_prompt_use_item_keywords():
     assert "heist" not in SynthesisedReasons(items=items.drop(columns="keywords"), seed=0).synthesise(liked)
     prompt = teacher_prompt({**liked, "TargetItemKeywords": ["crime", "heist"]})
     assert '"Heat (1995)" (keywords: crime, heist)?' in prompt
+
+
+def test_answers_cut_short_keep_their_complete_sentences_and_are_counted():
+    class CutShort(ReasonSource):
+        def draft(self, rows):
+            return [("Yes. The user loves heists. And the newest pick was a", None), ("No. The user rarely", None),
+                    ("Yes, the user loves heists like Heat. Also it", None), ("No. It is slow!", None)]
+
+    source = CutShort()
+    results = source.explain([row(label=1), row(label=0), row(label=1), row(label=0)])
+    assert [r.status for r in results] == [KEPT, FAILED, KEPT, KEPT]
+    assert results[0].reason == "Yes. The user loves heists." and results[2].reason == "Yes. The user loves heists like Heat."
+    assert results[1].error == "answer cut short before its first complete sentence"
+    assert results[3].reason == "No. It is slow!"
+    assert source.counters.as_dict()["cut_short"] == 3 and source.counters.as_dict()["failed"] == 1

@@ -40,6 +40,7 @@ logger = logging.getLogger("thinkrec.reasons.sources")
 
 KEPT, REJECTED_VERDICT, FAILED = "kept", "rejected_verdict", "failed"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_FINISHED = re.compile(r"[.!?…][\"')\]]*\s*$")
 _WORD = re.compile(r"\S+")
 _TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _STOPWORDS = frozenset(
@@ -69,7 +70,8 @@ class ReasonResult:
 @dataclass
 class ReasonCounters:
     """What a source did: rows asked, answers received, answers whose verdict disagreed with the label,
-    rows that got no usable answer, answers served from the cache, reasons cut to the length cap, and
+    rows that got no usable answer, answers served from the cache, reasons cut to the length cap,
+    answers cut short mid-sentence (the teacher's token limit; their unfinished sentence is dropped), and
     retried requests (remote)."""
 
     asked: int = 0
@@ -78,6 +80,7 @@ class ReasonCounters:
     failed: int = 0
     cached: int = 0
     truncated: int = 0
+    cut_short: int = 0
     retries: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -195,6 +198,15 @@ class ReasonSource:
             result.status, result.error = REJECTED_VERDICT, f"verdict {verdict} disagrees with label {result.label}"
             self.counters.add(rejected_verdict=1)
             return result
+        if not _FINISHED.search(normalised):
+            # Cut short (a teacher's token limit): keep the complete sentences only, and say so.
+            self.counters.add(cut_short=1)
+            complete = split_sentences(normalised)[:-1]
+            if not complete or complete == [complete[0]] and word_count(complete[0]) == 1:  # nothing after "Yes."
+                result.error = "answer cut short before its first complete sentence"
+                self.counters.add(failed=1)
+                return result
+            normalised = " ".join(complete)
         reason, truncated = cap_length(normalised, self.max_reason_tokens, self.count_tokens)
         result.status, result.reason, result.truncated = KEPT, reason, truncated
         if truncated:
