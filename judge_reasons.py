@@ -21,8 +21,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import load_prepared
-from thinkrec.reasons.judge import KEYS, Grounding, StanceChecker, judge, pair_with_references, read_table
+from thinkrec.reasons.judge import KEYS, Grounding, StanceChecker, common_english_words, judge, pair_with_references, read_table
 from thinkrec.utils.arguments import parse_args, run_command
 from thinkrec.utils.errors import InputError
 from thinkrec.utils.files import write_json
@@ -102,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if unknown:
             raise InputError(f"{args.predictions}: {len(unknown)} judged rows are not test rows of {args.records_dir}, e.g. {unknown[0]}.")
         item_ids = [[int(key[1]), *[int(i) for i in history.loc[key]]] for key in keys]
-        grounding = Grounding(records.items)
+        nouns = item_nouns_from_metadata(records.metadata, args.records_dir)
+        grounding = Grounding(records.items, common_english_words([nouns["item_noun"], nouns["item_noun_plural"]]))
     result = judge(
         rows[args.generated_column].tolist(),
         references,

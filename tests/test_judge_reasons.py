@@ -189,3 +189,14 @@ def test_the_verdict_word_is_not_counted_as_a_name():
                           "keywords": [["yes", "love"], ["heist"]]})
     result = judging.Grounding(items).score(["Yes. A heist."], [[2]])
     assert result["mentions"] == 1 and result["grounding"] == 1.0
+
+
+def test_ordinary_words_that_are_also_keywords_are_not_counted_unquoted():
+    items = pd.DataFrame({"ItemID": [1, 2], "title": ["The Great Heist (1990)", "Snow Day (2000)"], "genres": ["Crime", "Comedy"],
+                          "keywords": [["great", "heist", "bank job"], ["snow", "school"]]})
+    common = judging.common_english_words(["movie", "movies"])
+    assert {"great", "snow", "movie"} <= common and "heist" not in common
+    grounding = judging.Grounding(items, common)
+    found = grounding.mentions('A great movie about a heist and a bank job, like "snow".', [2])
+    # "great" is an ordinary word here; "heist" and "bank job" are keywords of another item; quoted "snow" is named.
+    assert sorted(found) == [("keyword", "bank job", False), ("keyword", "heist", False), ("keyword", "snow", True)]

@@ -251,6 +251,16 @@ _QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]{2,120})[\"\u201c\u201d
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
+def common_english_words(extra: Sequence[str] = ()) -> set[str]:
+    """Ordinary words: the whole-word entries of the bundled MiniLM (BERT uncased) vocabulary, English
+    stopwords and `extra` (e.g. the item nouns). Rare words and names are split into pieces by that
+    vocabulary, so they stay out of this set."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    vocabulary = (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").split()
+    return {w for w in vocabulary if w.isalpha()} | set(ENGLISH_STOP_WORDS) | {w.lower() for w in extra}
+
+
 def _normal(text: str) -> str:
     return " ".join(_TOKEN.findall(_YEAR.sub("", str(text)).lower()))
 
@@ -271,9 +281,11 @@ class Grounding:
     items (its target and history, as the prompt shows them): a mention of anything else is counted as
     ungrounded (hallucinated). Quoted spans are names (a title, else a keyword or genre, else an
     unknown title); unquoted full titles (with their year), genres and keywords (3+ letters) are found
-    on word boundaries."""
+    on word boundaries. `common_words`: one-word keywords that are also ordinary words ("great",
+    "children", "movie") are not counted when they appear unquoted — "a great film" names no keyword.
+    `common_english_words()` gives the set the command uses."""
 
-    def __init__(self, items: pd.DataFrame):
+    def __init__(self, items: pd.DataFrame, common_words: Optional[set[str]] = None):
         self.titles: dict[str, set[int]] = {}
         for item_id, title in zip(items["ItemID"], items["title"].fillna("")):
             self.titles.setdefault(_normal(title), set()).add(int(item_id))
@@ -285,9 +297,10 @@ class Grounding:
         genre_vocabulary = set().union(*self.genres.values()) if self.genres else set()
         keyword_vocabulary = {k for words in self.keywords.values() for k in words if len(k) >= 3} - genre_vocabulary
         self.genre_vocabulary, self.keyword_vocabulary = genre_vocabulary, keyword_vocabulary
+        common = common_words or set()
         self._title_pattern = _alternation(list(self.full_titles))
         self._genre_pattern = _alternation(list(genre_vocabulary))
-        self._keyword_pattern = _alternation(list(keyword_vocabulary))
+        self._keyword_pattern = _alternation([k for k in keyword_vocabulary if " " in k or k not in common])
 
     def mentions(self, text: str, item_ids: Sequence[int]) -> list[tuple[str, str, bool]]:
         """(kind, name, grounded) for every name `text` mentions, against the row's `item_ids`."""
