@@ -133,12 +133,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         tokens_per_id=model.config.tokens_per_id, seed=args.seed, title_keywords=args.title_keywords,
         **item_nouns_from_metadata(records.metadata, args.records_dir),
     )
-    if KEYWORDS_COLUMN in records.items:
-        # The prompts (when they show keywords) and the teachers read them from the rows.
+    if KEYWORDS_COLUMN in records.items or collator.processor.needs_keywords:
+        # The prompts (when they show keywords) and the teachers read them from the rows; none stored is an error.
         keywords = item_keywords(records.items, f"{args.records_dir} item table")
         train, validation = attach_keywords(train, keywords), attach_keywords(validation, keywords)
-    elif collator.processor.needs_keywords:
-        item_keywords(records.items, f"{args.records_dir} item table")  # the error that says how to add them
     logger.info("scoring %d validation and %d train rows with %s (template %s)", len(validation), len(train), args.model_dir, template)
 
     validation_scores = score_rows(model, collator, validation, args.batch_size)

@@ -46,7 +46,7 @@ from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, inp
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
 from processing_thinkrec import MODEL_INPUTS, RECORD_FIELDS
 from thinkrec.collaborative.models import load_cf_checkpoint
-from thinkrec.data.keywords import attach_keywords, attach_keywords_to_dataset, item_keywords
+from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_items, load_records_dataset
 from thinkrec.evaluation.metrics import compute_metrics, format_metrics
@@ -255,14 +255,6 @@ def load_reason_rows(path: str) -> datasets.Dataset:
     if len(wrong):
         raise InputError(f"{path}: row {wrong[0]} is not a reasoning row (mode must be 'reason' and reason non-empty).")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
-
-
-def with_item_keywords(splits: dict, records_dir: str) -> dict:
-    """`splits` (Datasets, or pandas frames) with the items' keywords attached to every row
-    (TargetItemKeywords, HisItemKeywords), read from the records' item table."""
-    keywords = item_keywords(load_items(records_dir), f"{records_dir} item table")
-    return {name: attach_keywords(rows, keywords) if isinstance(rows, pd.DataFrame) else attach_keywords_to_dataset(rows, keywords)
-            for name, rows in splits.items()}
 
 
 def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
@@ -621,20 +613,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # One processor renders and tokenises every record; Trainer saves it (processing_class) with each checkpoint.
     processor = build_processor(tokenizer, **collator_kwargs)
     collator = ThinkRecCollator(processor=processor)
-    reason_rows = load_reason_rows(data_args.reason_records) if data_args.reason_records else None
-    if processor.needs_keywords:
-        splits = with_item_keywords(splits, data_args.records_dir)
-        if reason_rows is not None:
-            reason_rows = with_item_keywords({"reasons": reason_rows}, data_args.records_dir)["reasons"]
+    # The item table is read once, and only when the prompts show keywords.
+    keywords = item_keywords(load_items(data_args.records_dir), f"{data_args.records_dir} item table") if processor.needs_keywords else None
 
     train_rows = splits["train"]
-    if reason_rows is not None:
-        train_rows = interleave_reasoning_rows(splits["train"], reason_rows, training_args.reasoning_share, training_args.seed)
+    if data_args.reason_records:
+        train_rows = interleave_reasoning_rows(
+            splits["train"], load_reason_rows(data_args.reason_records), training_args.reasoning_share, training_args.seed
+        )
         logger.info("training rows: %d (%d reasoning)", len(train_rows), sum(m == "reason" for m in train_rows["mode"]))
     # Tokenised once and cached (the main process first, the other ranks read its cache). Training and
     # validation rows keep the raw columns the loss and metrics read; test rows keep all of them, since
     # predict renders reasons from the titles and scores the CF model alone from the histories.
     with training_args.main_process_first(desc="tokenising records"):
+        if keywords is not None:  # cached maps like the tokenisation: the main process first, the other ranks read it
+            train_rows = attach_keywords_to_dataset(train_rows, keywords)
+            splits.update({name: attach_keywords_to_dataset(splits[name], keywords) for name in ("validation", "test")})
         if training_args.do_train:
             train_rows = tokenize_dataset(train_rows, processor, keep_columns=METRIC_COLUMNS, desc="tokenising train rows")
         if training_args.do_eval or training_args.eval_strategy != "no":

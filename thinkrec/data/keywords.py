@@ -197,7 +197,7 @@ def teacher_keywords(teacher, items: pd.DataFrame, cache_path: Optional[str | Pa
     """{ItemID: keywords} from a `LocalTeacher` or `RemoteTeacher` (thinkrec.reasons.sources), asked
     with the published extraction prompt on the item text cut to 100 words. Usable answers are cached
     (JSON lines keyed by ItemID and `model_name`) after every `block` items, so a rerun resumes."""
-    from thinkrec.reasons.sources import ReasonCache, RemoteTeacher
+    from thinkrec.reasons.sources import ReasonCache
 
     rows, counters = _rows(items), KeywordCounters()
     cache = ReasonCache(cache_path, model_name, key_fields=("ItemID",)) if cache_path else None
@@ -220,10 +220,7 @@ def teacher_keywords(teacher, items: pd.DataFrame, cache_path: Optional[str | Pa
     for start in range(0, len(pending), block):
         chunk = pending[start : start + block]
         conversations = [messages for _, messages in chunk]
-        if isinstance(teacher, RemoteTeacher):
-            answers = teacher.complete(conversations, lambda text: None if parse_keywords(text) else "no keyword in the answer")
-        else:
-            answers = teacher.complete(conversations)
+        answers = teacher.complete(conversations, lambda text: None if parse_keywords(text) else "no keyword in the answer")
         for (item_id, _), (answer, error) in zip(chunk, answers):
             keywords = parse_keywords(answer, max_keywords)
             if not keywords:

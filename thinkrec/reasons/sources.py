@@ -586,10 +586,16 @@ class LocalTeacher(ReasonSource):
             self.tokenizer.padding_side = side
         return texts
 
-    def complete(self, conversations: list[list[dict]]) -> list[tuple[Optional[str], Optional[str]]]:
-        """(answer, error) for each chat (a list of role/content messages)."""
+    def complete(self, conversations: list[list[dict]], problem: Callable[[str], Optional[str]] = lambda text: None
+                 ) -> list[tuple[Optional[str], Optional[str]]]:
+        """(answer, error) for each chat (a list of role/content messages); an answer for which `problem`
+        names a fault comes back as (None, fault) — greedy decoding would give the same answer again."""
         prompts = [self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations]
-        return [(text, None) if text else (None, "empty generation") for text in self.generate(prompts)]
+        out = []
+        for text in self.generate(prompts):
+            fault = "empty generation" if not text else problem(text)
+            out.append((None, fault) if fault else (text, None))
+        return out
 
     def draft(self, rows: list[dict]) -> list[tuple[Optional[str], Optional[str]]]:
         out: list[tuple[Optional[str], Optional[str]]] = []
@@ -774,8 +780,8 @@ class RemoteTeacher(ReasonSource):
                 text = self._request(messages)
                 if not text.strip():
                     last_error = "empty answer"
-                elif problem(text) is not None:
-                    last_error = problem(text)
+                elif (fault := problem(text)) is not None:
+                    last_error = fault
                 else:
                     return text, None
             except urllib.error.HTTPError as error:
