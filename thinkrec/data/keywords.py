@@ -26,6 +26,7 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 import pandas as pd
 
+from thinkrec.data.items import split_genres, strip_year
 from thinkrec.utils.errors import InputError
 
 
@@ -35,7 +36,6 @@ METHODS = ("minilm", "tfidf", "local", "remote")
 MAX_KEYWORDS = 10
 TEACHER_INPUT_WORDS = 100  # the published extraction prompt reads at most this many words of the item
 KEYWORDS_COLUMN = "keywords"
-_TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9'&+-]*")
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
 KEYWORD_PROMPT = (
@@ -50,18 +50,14 @@ def _stopwords() -> frozenset[str]:
     return frozenset(ENGLISH_STOP_WORDS) | {"de", "la", "le", "el", "les", "der", "die", "das", "ii", "iii", "iv"}
 
 
-def _genres(value) -> list[str]:
-    return [g.strip() for g in str(value or "").split("|") if g.strip()]
-
-
 def _text(value) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
 
 
 def item_text(item: Mapping, max_words: Optional[int] = None) -> str:
     """The item's metadata as one text: title (its year dropped), genres, description; cut to `max_words`."""
-    parts = [_TITLE_YEAR.sub("", _text(item.get("title")))]
-    genres = _genres(item.get("genres"))
+    parts = [strip_year(_text(item.get("title")))]
+    genres = split_genres(item.get("genres"))
     if genres:
         parts.append(", ".join(genres))
     parts.append(_text(item.get("description")))
@@ -75,8 +71,8 @@ def candidate_phrases(item: Mapping, max_words: int = TEACHER_INPUT_WORDS) -> li
     """Phrases an item's keywords are chosen from: its genres whole, then the one- and two-word
     n-grams of its title and description (no stopword, no bare number, unigrams of 3+ letters)."""
     stop = _stopwords()
-    phrases = [g.lower() for g in _genres(item.get("genres"))]
-    for source in (_TITLE_YEAR.sub("", _text(item.get("title"))), " ".join(_text(item.get("description")).split()[:max_words])):
+    phrases = [g.lower() for g in split_genres(item.get("genres"))]
+    for source in (strip_year(_text(item.get("title"))), " ".join(_text(item.get("description")).split()[:max_words])):
         tokens = _TOKEN.findall(source.lower())
         for n in (1, 2):
             for start in range(len(tokens) - n + 1):

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from thinkrec.data.items import TITLE_YEAR, split_genres, strip_year
 from thinkrec.evaluation.reporting import reason_body, verdict_of
 from thinkrec.utils.errors import MissingInputError
 
@@ -248,7 +249,6 @@ class StanceChecker:
 # ------------------------------------------------------------------------------------------ grounding
 
 _QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]{2,120})[\"\u201c\u201d]")
-_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
 def common_english_words(extra: Sequence[str] = ()) -> set[str]:
@@ -262,11 +262,7 @@ def common_english_words(extra: Sequence[str] = ()) -> set[str]:
 
 
 def _normal(text: str) -> str:
-    return " ".join(_TOKEN.findall(_YEAR.sub("", str(text)).lower()))
-
-
-def _genre_list(value) -> list[str]:
-    return [g.strip().lower() for g in str(value or "").split("|") if g.strip()]
+    return " ".join(_TOKEN.findall(strip_year(text).lower()))
 
 
 def _alternation(phrases: Sequence[str]) -> Optional[re.Pattern]:
@@ -290,8 +286,8 @@ class Grounding:
         for item_id, title in zip(items["ItemID"], items["title"].fillna("")):
             self.titles.setdefault(_normal(title), set()).add(int(item_id))
         self.full_titles = {str(title).lower(): int(item_id) for item_id, title in zip(items["ItemID"], items["title"].fillna(""))
-                            if _YEAR.search(str(title))}
-        self.genres = {int(i): set(_genre_list(g)) for i, g in zip(items["ItemID"], items["genres"])} if "genres" in items else {}
+                            if TITLE_YEAR.search(str(title))}
+        self.genres = {int(i): {genre.lower() for genre in split_genres(g)} for i, g in zip(items["ItemID"], items["genres"])} if "genres" in items else {}
         self.keywords = ({int(i): {str(k).lower() for k in (words if words is not None else [])}
                           for i, words in zip(items["ItemID"], items["keywords"])} if "keywords" in items else {})
         genre_vocabulary = set().union(*self.genres.values()) if self.genres else set()

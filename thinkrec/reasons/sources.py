@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from thinkrec.data.items import split_genres, strip_year
+from thinkrec.data.keywords import KEYWORDS_COLUMN, item_keywords
 from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns, item_nouns_from_metadata
 from thinkrec.evaluation.reporting import LEADING_VERDICT, verdict_of
 
@@ -42,7 +44,6 @@ KEPT, REJECTED_VERDICT, FAILED = "kept", "rejected_verdict", "failed"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _FINISHED = re.compile(r"[.!?…][\"')\]]*\s*$")
 _WORD = re.compile(r"\S+")
-_TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _STOPWORDS = frozenset(
     "the a an and of in on at to for with from by is it its this that my your his her their our you me we "
     "i he she they them as or but not no be was are were de la le el les der die das part ii iii iv".split()
@@ -227,10 +228,6 @@ def _as_list(value) -> list:
     return [] if value is None else list(value)
 
 
-def _genres(text) -> list[str]:
-    return [g.strip() for g in str(text or "").split("|") if g.strip()]
-
-
 def _genre_phrase(genre: str) -> str:
     return genre.lower().replace("film-noir", "film noir")
 
@@ -244,7 +241,7 @@ def _quoted(title: str) -> str:
 
 
 def _title_words(title: str) -> set[str]:
-    words = re.findall(r"[a-z0-9']+", _TITLE_YEAR.sub("", str(title)).lower())
+    words = re.findall(r"[a-z0-9']+", strip_year(title).lower())
     return {w for w in words if len(w) >= 4 and w not in _STOPWORDS and not w.isdigit()}
 
 
@@ -281,13 +278,13 @@ class SynthesisedReasons(ReasonSource):
         self.seed = seed
         self.item_genres: dict[int, list[str]] = {}
         if items is not None and "genres" in items:
-            self.item_genres = {int(i): _genres(g) for i, g in zip(items["ItemID"], items["genres"])}
+            self.item_genres = {int(i): split_genres(g) for i, g in zip(items["ItemID"], items["genres"])}
         # Keywords (extract_keywords.py) other than the item's genres, which the genre sentences already use.
         self.item_keywords: dict[int, list[str]] = {}
-        if items is not None and "keywords" in items:
-            for item_id, words in zip(items["ItemID"], items["keywords"]):
-                genres = {g.lower() for g in self.item_genres.get(int(item_id), [])}
-                self.item_keywords[int(item_id)] = [str(w) for w in (words if words is not None else []) if str(w).lower() not in genres]
+        if items is not None and KEYWORDS_COLUMN in items:
+            for item_id, words in item_keywords(items).items():
+                genres = {g.lower() for g in self.item_genres.get(item_id, [])}
+                self.item_keywords[item_id] = [w for w in words if w.lower() not in genres]
         self.popularity: dict[int, int] = {}
         self.popular_at = self.niche_at = None
         if train is not None and len(train):
