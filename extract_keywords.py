@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +35,8 @@ from thinkrec.data.keywords import (
 )
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import load_prepared
+from thinkrec.reasons.reflection import TeacherArguments, build_teacher
+from thinkrec.training.backbones import SMOLLM2_HUB_ID
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import ExistingOutputError, InputError
@@ -51,29 +53,17 @@ class KeywordArguments:
     diversity: float = field(default=0.3, metadata={"help": "minilm: weight of novelty against relevance (0 = most similar only)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace keywords the item table already has (else stop)."})
     embedding_model: Optional[str] = field(default=None, metadata={"help": "minilm: sentence encoder folder (default: bundled all-MiniLM-L6-v2)."})
-    teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF chat model path or id (default: bundled SmolLM2-135M-Instruct)."})
-    teacher_batch_size: int = field(default=16, metadata={"help": "local: items per generation batch."})
-    max_new_tokens: int = field(default=48, metadata={"help": "local/remote: tokens the teacher may write."})
-    base_url: Optional[str] = field(default=None, metadata={"help": "remote: e.g. http://127.0.0.1:8080/v1."})
-    remote_model: Optional[str] = field(default=None, metadata={"help": "remote: model name sent with each request."})
-    api_key_env: Optional[str] = field(default="OPENAI_API_KEY", metadata={"help": "remote: NAME of the variable holding the key."})
-    concurrency: int = field(default=4, metadata={"help": "remote: requests in flight."})
-    max_retries: int = field(default=4, metadata={"help": "remote: retries per item."})
-    cache_path: Optional[str] = field(
-        default=None, metadata={"help": "local/remote: answer cache (JSON lines); default <records_dir>/keywords-<method>.cache.jsonl."}
-    )
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
         if not 1 <= self.max_keywords <= 50:
             raise InputError(f"max_keywords must be in [1, 50], got {self.max_keywords}.")
-        if self.method == "remote" and not (self.base_url and self.remote_model):
-            raise InputError("method 'remote' needs base_url and remote_model.")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    (args,) = parse_command_args((KeywordArguments,), argv)
+    # The teacher settings (teacher_model, base_url, remote_model, cache_path, ...) are reflect.py's.
+    args, teacher_args = parse_command_args((KeywordArguments, TeacherArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     started = time.perf_counter()
     records = load_prepared(args.records_dir)
@@ -88,16 +78,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     elif args.method == "tfidf":
         keywords, counters = tfidf_keywords(records.items, args.max_keywords)
     else:
-        from thinkrec.reasons.sources import LocalTeacher, RemoteTeacher
-
-        cache = args.cache_path or str(Path(args.records_dir) / f"keywords-{args.method}.cache.jsonl")
-        if args.method == "local":
-            teacher = LocalTeacher(args.teacher_model, batch_size=args.teacher_batch_size, max_new_tokens=args.max_new_tokens, **nouns)
-            model_name = args.teacher_model or "HuggingFaceTB/SmolLM2-135M-Instruct"
-        else:
-            teacher = RemoteTeacher(args.base_url, args.remote_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
-                                    max_retries=args.max_retries, max_tokens=args.max_new_tokens, **nouns)
-            model_name = args.remote_model
+        cache = teacher_args.cache_path or str(Path(args.records_dir) / f"keywords-{args.method}.cache.jsonl")
+        # The keyword cache (keyed by ItemID) is kept by teacher_keywords, not by the teacher's reason cache.
+        teacher = build_teacher(args.method, replace(teacher_args, cache_path=None), nouns)
+        model_name = teacher_args.remote_model if args.method == "remote" else (teacher_args.teacher_model or SMOLLM2_HUB_ID)
         keywords, counters = teacher_keywords(teacher, records.items, cache, model_name, nouns["item_noun"], args.max_keywords)
     info = {"method": args.method, "model": model_name, "max_keywords": args.max_keywords, **counters.as_dict()}
     path = save_item_keywords(args.records_dir, keywords, info)
@@ -105,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     summary = {**info, "keywords_mean": float(sum(counts) / max(len(counts), 1)), "item_table": str(path),
                "seconds": round(time.perf_counter() - started, 2),
                # api_key_env is the variable's name, never its value.
-               "arguments": asdict(args)}
+               "arguments": {**asdict(args), **asdict(teacher_args)}}
     example = next(((item_id, words) for item_id, words in keywords.items() if words), None)
     print(f"{counters.items:,} items: {counters.with_keywords:,} with keywords ({summary['keywords_mean']:.1f} each on average), "
           f"{counters.without_metadata:,} without metadata, {counters.failed:,} teacher answers without a keyword, "

@@ -140,3 +140,22 @@ def test_extract_keywords_command_writes_counts_and_refuses_to_overwrite(assets,
         extract_keywords.main(["--records_dir", str(records_dir)])
     with pytest.raises(InputError, match="no keywords"):
         item_keywords(ITEMS)
+
+
+def test_extract_keywords_with_a_remote_teacher_and_its_own_cache_path(assets, tmp_path):
+    import shutil
+
+    records_dir = tmp_path / "records"
+    shutil.copytree(assets["records"], records_dir)
+    with pytest.raises(InputError, match="needs base_url and remote_model"):
+        extract_keywords.main(["--records_dir", str(records_dir), "--method", "remote"])
+    cache = tmp_path / "keywords.jsonl"
+    with ScriptedServer({"Film": [("ok", "drama, classic")]}) as server:
+        summary = extract_keywords.main(["--records_dir", str(records_dir), "--method", "remote", "--base_url", server.url,
+                                         "--remote_model", "scripted-model", "--cache_path", str(cache)])
+        asked = len(server.requests)
+        again = extract_keywords.main(["--records_dir", str(records_dir), "--method", "remote", "--base_url", server.url,
+                                       "--remote_model", "scripted-model", "--cache_path", str(cache), "--overwrite", "true"])
+    items = load_items(records_dir)
+    assert summary["with_keywords"] == asked == len(items) and again["cached"] == len(items) and len(server.requests) == asked
+    assert all(list(words) == ["drama", "classic"] for words in items["keywords"])

@@ -20,14 +20,10 @@ THRESHOLD_METRICS = ("accuracy", "f1")
 
 
 @dataclass
-class SourceArguments:
-    """Where the reasons come from (thinkrec/reasons/sources.py)."""
+class TeacherArguments:
+    """A local HF teacher or an OpenAI-compatible remote one (thinkrec/reasons/sources.py); used for
+    reasons (reflect.py) and for item keywords (extract_keywords.py)."""
 
-    source: str = field(default="synthesised", metadata={"help": f"One of {SOURCES}."})
-    max_reason_tokens: int = field(default=200, metadata={"help": "Cap per reason, in the trained model's tokens; cut at a sentence."})
-    fallback_to_synthesised: bool = field(
-        default=False, metadata={"help": "Explain rows the teacher failed or contradicted with the synthesiser instead of dropping them."}
-    )
     teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF causal LM path or id (default: bundled SmolLM2-135M-Instruct)."})
     teacher_batch_size: int = field(default=8, metadata={"help": "local: rows per generation batch."})
     teacher_max_new_tokens: int = field(default=160, metadata={"help": "local/remote: tokens the teacher may write."})
@@ -42,6 +38,17 @@ class SourceArguments:
     concurrency: int = field(default=4, metadata={"help": "remote: requests in flight."})
     max_retries: int = field(default=4, metadata={"help": "remote: retries per row (429/5xx/timeouts/bad answers)."})
     request_timeout: float = field(default=60.0, metadata={"help": "remote: seconds per request."})
+
+
+@dataclass
+class SourceArguments(TeacherArguments):
+    """Where the reasons come from (thinkrec/reasons/sources.py)."""
+
+    source: str = field(default="synthesised", metadata={"help": f"One of {SOURCES}."})
+    max_reason_tokens: int = field(default=200, metadata={"help": "Cap per reason, in the trained model's tokens; cut at a sentence."})
+    fallback_to_synthesised: bool = field(
+        default=False, metadata={"help": "Explain rows the teacher failed or contradicted with the synthesiser instead of dropping them."}
+    )
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -110,17 +117,28 @@ def build_source(source_args: SourceArguments, records, tokenizer, output_path: 
     if source_args.source == "synthesised":
         return SynthesisedReasons.from_records(records, seed=seed, max_reason_tokens=source_args.max_reason_tokens,
                                                count_tokens=count_tokens)
-    nouns = item_nouns_from_metadata(records.metadata)
-    if source_args.source == "local":
-        teacher = LocalTeacher(source_args.teacher_model, batch_size=source_args.teacher_batch_size,
-                               max_new_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens,
-                               **nouns)
-        teacher.count_tokens = count_tokens
+    return build_teacher(source_args.source, source_args, item_nouns_from_metadata(records.metadata),
+                         cache_path=str(output_path.with_suffix(".cache.jsonl")), max_reason_tokens=source_args.max_reason_tokens,
+                         count_tokens=count_tokens)
+
+
+def build_teacher(kind: str, teacher_args: TeacherArguments, nouns: dict, cache_path: Optional[str] = None,
+                  max_reason_tokens: int = 200, count_tokens=None):
+    """A `LocalTeacher` (kind "local") or `RemoteTeacher` ("remote") from `teacher_args`. The remote one
+    caches its answers in `teacher_args.cache_path`, else `cache_path`; the local one is not cached."""
+    if kind == "local":
+        teacher = LocalTeacher(teacher_args.teacher_model, batch_size=teacher_args.teacher_batch_size,
+                               max_new_tokens=teacher_args.teacher_max_new_tokens, max_reason_tokens=max_reason_tokens, **nouns)
+        if count_tokens is not None:
+            teacher.count_tokens = count_tokens
         return teacher
-    cache_path = source_args.cache_path or str(output_path.with_suffix(".cache.jsonl"))
+    if kind != "remote":
+        raise InputError(f"a teacher is 'local' or 'remote', got {kind!r}.")
+    if not (teacher_args.base_url and teacher_args.remote_model):
+        raise InputError("a remote teacher needs base_url and remote_model.")
     return RemoteTeacher(
-        source_args.base_url, source_args.remote_model, api_key_env=source_args.api_key_env, cache_path=cache_path,
-        concurrency=source_args.concurrency, max_retries=source_args.max_retries, timeout=source_args.request_timeout,
-        max_tokens=source_args.teacher_max_new_tokens, max_reason_tokens=source_args.max_reason_tokens, count_tokens=count_tokens,
-        **nouns,
+        teacher_args.base_url, teacher_args.remote_model, api_key_env=teacher_args.api_key_env,
+        cache_path=teacher_args.cache_path or cache_path, concurrency=teacher_args.concurrency,
+        max_retries=teacher_args.max_retries, timeout=teacher_args.request_timeout, max_tokens=teacher_args.teacher_max_new_tokens,
+        max_reason_tokens=max_reason_tokens, count_tokens=count_tokens, **nouns,
     )
