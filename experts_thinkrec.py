@@ -164,6 +164,11 @@ class ExpertLoraLinear(nn.Module):
         )
 
 
+def _one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """`F.one_hot` without its range check, which reads the indices back to the host (they come from argmax)."""
+    return (index[:, None] == torch.arange(num_classes, device=index.device)).to(dtype)
+
+
 def _module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
@@ -272,12 +277,21 @@ class UserRouter(nn.Module):
             for name, (value, _) in values.items():
                 getattr(self, name).copy_(value)
 
-    def similarities(self, user_vectors: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity [B, G] between each standardised user vector and each centroid."""
+    def has_no_centroids(self) -> torch.Tensor:
+        """0-dim flag: no clusters were fitted (all centroids zero)."""
+        return ~self.centroids.any()
+
+    def check_centroids(self) -> None:
+        if bool(self.has_no_centroids()):
+            raise ValueError("the router has no centroids yet: fit the user clusters and call set_clusters first")
+
+    def similarities(self, user_vectors: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Cosine similarity [B, G] between each standardised user vector and each centroid. `check=False`
+        skips the centroid check (a host sync) for a caller that folded it into its own."""
         if user_vectors.dim() != 2 or user_vectors.shape[1] != self.dim:
             raise ValueError(f"user vectors have shape {tuple(user_vectors.shape)}, expected (batch, {self.dim})")
-        if not self.centroids.any():
-            raise ValueError("the router has no centroids yet: fit the user clusters and call set_clusters first")
+        if check:
+            self.check_centroids()
         z = (user_vectors.to(self.centroids.dtype) - self.scaler_mean) / self.scaler_scale
         return F.normalize(z, dim=-1) @ F.normalize(self.centroids, dim=-1).t()
 
@@ -289,17 +303,18 @@ class UserRouter(nn.Module):
         confidence_base: float = 0.5,
         confidence_scale: float = 0.6,
         entropy_fraction: float = 0.95,
+        check: bool = True,
     ) -> torch.Tensor:
         """Weights [B, G + 1] under `rule` (one of ROUTING_RULES); the last column is the general expert."""
         if rule not in ROUTING_RULES:
             raise ValueError(f"unknown routing rule {rule!r}; expected one of {ROUTING_RULES}")
         if not temperature > 0:
             raise ValueError(f"routing temperature must be > 0, found {temperature}")
-        cos = self.similarities(user_vectors)
+        cos = self.similarities(user_vectors, check=check)
         num_clusters = self.num_clusters
         general = torch.zeros_like(cos[:, :1])
         if rule == "hard":
-            onehot = F.one_hot(cos.argmax(dim=-1), num_clusters).to(cos.dtype)
+            onehot = _one_hot(cos.argmax(dim=-1), num_clusters, cos.dtype)
             return torch.cat([onehot, general], dim=-1)
         w = torch.softmax(cos / temperature, dim=-1)
         soft = torch.cat([w, general], dim=-1)
@@ -308,8 +323,8 @@ class UserRouter(nn.Module):
         # "thinkrec": a confident row goes to its cluster alone, a near-uniform one to the general expert.
         top, top_index = w.max(dim=-1)
         entropy = -torch.special.xlogy(w, w).sum(dim=-1)  # xlogy: 0·log 0 = 0, no NaN for saturated rows
-        one_cluster = F.one_hot(top_index, num_clusters + 1).to(w.dtype)
-        only_general = F.one_hot(torch.full_like(top_index, num_clusters), num_clusters + 1).to(w.dtype)
+        one_cluster = _one_hot(top_index, num_clusters + 1, w.dtype)
+        only_general = _one_hot(torch.full_like(top_index, num_clusters), num_clusters + 1, w.dtype)
         confident = (top > confidence_base + confidence_scale / num_clusters)[:, None]
         uncertain = (entropy >= entropy_fraction * math.log(num_clusters))[:, None]
         return torch.where(confident, one_cluster, torch.where(uncertain, only_general, soft))

@@ -464,19 +464,15 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         `config.routing_rule`, from the row's CF user vector (table row, or SASRec history encoding)."""
         if not self.has_experts:
             raise ValueError("The model has no experts to route to.")
+        self._validate(user_ids=user_ids, history_item_ids=history_item_ids, routes=True)
+        return self._route(user_ids, history_item_ids)
+
+    def _route(self, user_ids, history_item_ids) -> torch.Tensor:
+        """`route` without its checks (forward checks all its inputs at once)."""
         config = self.config
         if config.cf_model_type == "sasrec":
-            if history_item_ids is None:
-                raise ValueError("Routing a SASRec model needs history_item_ids ([batch, length], left-padded with 0).")
-            self._check_id_range("history_item_ids", history_item_ids, config.num_items)
             vectors = self.sequence_encoder.encode(history_item_ids)
         else:
-            if user_ids is None:
-                raise ValueError("Routing needs user_ids (one CF user id per row; ThinkRecCollator provides them).")
-            self._check_id_range("user_ids", user_ids, config.num_users)
-            if not user_ids.all():
-                row = (user_ids == 0).nonzero()[0].item()
-                raise ValueError(f"user_ids: row {row} holds the padding id 0, which has no CF vector to route by.")
             vectors = self.user_table(user_ids)
         return self.router(
             vectors,
@@ -485,6 +481,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             confidence_base=config.routing_confidence_base,
             confidence_scale=config.routing_confidence_scale,
             entropy_fraction=config.routing_entropy_fraction,
+            check=False,
         )
 
     def set_training_stage(self, stage: str, train_projector: bool = False) -> list[str]:
@@ -567,73 +564,141 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         right-padded with 0 (ids are 1-based). For SASRec, a user slot takes the encoding of the row's
         `history_item_ids` ([batch, length], left-padded with 0) instead of a table row.
         """
+        self._validate(input_ids=input_ids, user_slot_ids=user_slot_ids, item_slot_ids=item_slot_ids,
+                       history_item_ids=history_item_ids)
+        return self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+
+    def _embed_prompt(self, input_ids, user_slot_ids, item_slot_ids, history_item_ids) -> torch.Tensor:
+        """`embed_prompt` without its checks. No host sync: every slot id (padding included) is looked up
+        and projected, present ones are moved first, and `masked_scatter` takes them in slot order."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
         config = self.config
         if config.cf_model_type == "none":
-            for kind, token_id in (("user", config.user_slot_token_id), ("item", config.item_slot_token_id)):
-                if token_id is not None and (input_ids == token_id).any():
-                    rows = (input_ids == token_id).any(-1).nonzero().flatten().tolist()
-                    raise ValueError(
-                        f"rows {rows}: {kind} slot tokens in a text-only model (cf_model_type='none') which has no "
-                        "CF vectors; use a template without id slots or build the model with a CF checkpoint."
-                    )
             return inputs_embeds
-        user_vectors = self._user_vectors(user_slot_ids, history_item_ids)
-        inputs_embeds = self._inject(inputs_embeds, input_ids, "user", config.user_slot_token_id, user_slot_ids, user_vectors)
-        item_vectors = None
-        if item_slot_ids is not None:
-            self._check_id_range("item_slot_ids", item_slot_ids, config.num_items)
-            item_vectors = self.item_table(item_slot_ids[item_slot_ids != 0])
-        inputs_embeds = self._inject(inputs_embeds, input_ids, "item", config.item_slot_token_id, item_slot_ids, item_vectors)
+        if user_slot_ids is not None and user_slot_ids.shape[1]:
+            if config.cf_model_type == "sasrec":
+                # Every slot of a row holds that row's history encoding.
+                vectors = self.sequence_encoder.encode(history_item_ids)[:, None].expand(-1, user_slot_ids.shape[1], -1)
+            else:
+                vectors = self.user_table(user_slot_ids)
+            inputs_embeds = self._inject(inputs_embeds, input_ids == config.user_slot_token_id, user_slot_ids, vectors)
+        if item_slot_ids is not None and item_slot_ids.shape[1]:
+            inputs_embeds = self._inject(inputs_embeds, input_ids == config.item_slot_token_id, item_slot_ids,
+                                         self.item_table(item_slot_ids))
         return inputs_embeds
 
-    def _user_vectors(self, user_slot_ids, history_item_ids) -> torch.Tensor | None:
-        """CF vectors of the user slots in order of appearance (None when there are none)."""
-        if user_slot_ids is None:
-            return None
-        present = user_slot_ids != 0
-        if self.config.cf_model_type == "sasrec":
-            if history_item_ids is None:
-                raise ValueError("SASRec user slots need history_item_ids ([batch, length], left-padded with 0).")
-            self._check_id_range("history_item_ids", history_item_ids, self.config.num_items)
-            rows = present.nonzero()[:, 0]
-            return self.sequence_encoder.encode(history_item_ids[rows])
-        self._check_id_range("user_slot_ids", user_slot_ids, self.config.num_users)
-        return self.user_table(user_slot_ids[present])
-
-    @staticmethod
-    def _check_id_range(name: str, ids: torch.Tensor, table_size: int) -> None:
-        if ids.numel() and (ids.min() < 0 or ids.max() >= table_size):
-            bad = ((ids < 0) | (ids >= table_size)).nonzero()[0].tolist()
-            raise ValueError(
-                f"{name}: row {bad[0]} holds id {ids[tuple(bad)].item()}, outside the CF table (0..{table_size - 1})."
-            )
-
-    def _inject(self, inputs_embeds, input_ids, kind, slot_token_id, slot_ids, cf_vectors) -> torch.Tensor:
-        """Replace the `kind` slot tokens by projected CF vectors, after checking counts per row."""
-        slot_mask = input_ids == slot_token_id
-        slots_per_row = slot_mask.sum(-1)
-        if slot_ids is None:
-            ids_per_row = torch.zeros_like(slots_per_row)
-        else:
-            if slot_ids.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"{kind}_slot_ids: expected {input_ids.shape[0]} rows like input_ids, found {slot_ids.shape[0]}."
-                )
-            ids_per_row = (slot_ids != 0).sum(-1)
-        tokens_per_id = self.config.tokens_per_id
-        mismatched = (slots_per_row != ids_per_row * tokens_per_id).nonzero().flatten()
-        if mismatched.numel():
-            row = mismatched[0].item()
-            per_id = f" x {tokens_per_id} tokens per id" if tokens_per_id > 1 else ""
-            raise ValueError(
-                f"row {row}: {slots_per_row[row].item()} {kind} slots but {ids_per_row[row].item()} {kind} ids{per_id}"
-                f" ({mismatched.numel()} mismatched rows)."
-            )
-        if cf_vectors is None or cf_vectors.shape[0] == 0:
-            return inputs_embeds
-        soft_tokens = self.projector(cf_vectors).reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+    def _inject(self, inputs_embeds, slot_mask, slot_ids, vectors) -> torch.Tensor:
+        """Replace the slot tokens (`slot_mask` [B, T]) by the projected vectors [B, S, d] of the non-zero
+        `slot_ids` [B, S], in order of appearance (counts were checked by `_validate`)."""
+        present_first = torch.argsort((slot_ids == 0).flatten().to(torch.int8), stable=True)
+        soft_tokens = self.projector(vectors.reshape(-1, vectors.shape[-1])[present_first])
+        soft_tokens = soft_tokens.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), soft_tokens)
+
+    # ---------------------------------------------------------------------------------- checks
+
+    def _validate(self, input_ids=None, attention_mask=None, labels=None, user_slot_ids=None, item_slot_ids=None,
+                  history_item_ids=None, user_ids=None, routes: bool = False) -> None:
+        """Every per-row check of a batch, at the cost of one host sync on the happy path: the checks are
+        tensor expressions reduced to one flag (LLaVA's one numel comparison, for all of them at once);
+        only when it is set are they run one by one to name the row and what is wrong."""
+        config = self.config
+        sasrec = config.cf_model_type == "sasrec"
+        for name, ids in (("user_slot_ids", user_slot_ids), ("item_slot_ids", item_slot_ids)):
+            if input_ids is not None and ids is not None and ids.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"{name}: expected {input_ids.shape[0]} rows like input_ids, found {ids.shape[0]}.")
+        needs_history = (routes and sasrec) or (
+            input_ids is not None and sasrec and user_slot_ids is not None and user_slot_ids.shape[1] > 0)
+        if needs_history and history_item_ids is None:
+            raise ValueError("SASRec user vectors (slots and routing) need history_item_ids ([batch, length], left-padded with 0).")
+        if routes and not sasrec and user_ids is None:
+            raise ValueError("Routing needs user_ids (one CF user id per row; ThinkRecCollator provides them).")
+        checks = self._problem_checks(input_ids, attention_mask, labels, user_slot_ids, item_slot_ids,
+                                      history_item_ids if needs_history else None, user_ids if routes and not sasrec else None,
+                                      routes=routes)
+        if not checks:
+            return
+        if bool(torch.stack([flag for flag, _ in checks]).any()):  # the one host sync
+            for flag, explain in checks:
+                if bool(flag):
+                    explain()
+            raise AssertionError("an input check flagged a problem it could not name")  # unreachable
+
+    def _problem_checks(self, input_ids, attention_mask, labels, user_slot_ids, item_slot_ids, history_item_ids,
+                        routing_user_ids, routes: bool = False) -> list:
+        """(flag tensor, function raising the detailed message) per check that applies to these inputs."""
+        config = self.config
+        checks = []
+
+        def id_range(name, ids, table_size):
+            bad = (ids < 0) | (ids >= table_size)
+
+            def explain():
+                index = bad.nonzero()[0].tolist()
+                raise ValueError(f"{name}: row {index[0]} holds id {ids[tuple(index)].item()}, outside the CF table "
+                                 f"(0..{table_size - 1}).")
+            checks.append((bad.any(), explain))
+
+        if input_ids is not None and config.cf_model_type == "none":
+            for kind, token_id in (("user", config.user_slot_token_id), ("item", config.item_slot_token_id)):
+                if token_id is None:
+                    continue
+                has_slot = (input_ids == token_id).any(-1)
+
+                def explain(kind=kind, has_slot=has_slot):
+                    raise ValueError(
+                        f"rows {has_slot.nonzero().flatten().tolist()}: {kind} slot tokens in a text-only model "
+                        "(cf_model_type='none') which has no CF vectors; use a template without id slots or build the "
+                        "model with a CF checkpoint."
+                    )
+                checks.append((has_slot.any(), explain))
+        elif input_ids is not None:
+            for kind, token_id, slot_ids in (("user", config.user_slot_token_id, user_slot_ids),
+                                             ("item", config.item_slot_token_id, item_slot_ids)):
+                slots_per_row = (input_ids == token_id).sum(-1)
+                ids_per_row = torch.zeros_like(slots_per_row) if slot_ids is None else (slot_ids != 0).sum(-1)
+                mismatched = slots_per_row != ids_per_row * config.tokens_per_id
+
+                def explain(kind=kind, slots_per_row=slots_per_row, ids_per_row=ids_per_row, mismatched=mismatched):
+                    rows = mismatched.nonzero().flatten()
+                    row = rows[0].item()
+                    per_id = f" x {config.tokens_per_id} tokens per id" if config.tokens_per_id > 1 else ""
+                    raise ValueError(
+                        f"row {row}: {slots_per_row[row].item()} {kind} slots but {ids_per_row[row].item()} {kind} ids"
+                        f"{per_id} ({rows.numel()} mismatched rows)."
+                    )
+                checks.append((mismatched.any(), explain))
+            if user_slot_ids is not None and config.cf_model_type != "sasrec":
+                id_range("user_slot_ids", user_slot_ids, config.num_users)
+            if item_slot_ids is not None:
+                id_range("item_slot_ids", item_slot_ids, config.num_items)
+        if history_item_ids is not None:
+            id_range("history_item_ids", history_item_ids, config.num_items)
+        if routing_user_ids is not None:
+            id_range("user_ids", routing_user_ids, config.num_users)
+            padding = routing_user_ids == 0
+
+            def explain():
+                raise ValueError(f"user_ids: row {padding.nonzero()[0].item()} holds the padding id 0, which has no CF "
+                                 "vector to route by.")
+            checks.append((padding.any(), explain))
+        if routes:
+            checks.append((self.router.has_no_centroids(), self.router.check_centroids))
+        if labels is not None:
+            has_label = labels != IGNORE_INDEX
+            first = has_label.int().argmax(-1)
+            checks.append((~has_label.any(-1).all() | (first != first[0]).any(), lambda: self.prompt_length(labels)))
+        elif attention_mask is not None:
+            last_is_padding = attention_mask[:, -1] == 0
+
+            def explain():
+                raise ValueError(
+                    f"row {last_is_padding.nonzero()[0].item()}: the last column is padding, so the score would be read "
+                    "at a pad token; prompts must be left-padded (ThinkRecCollator and ThinkRecProcessor do this; a "
+                    "tokenizer needs padding_side='left')."
+                )
+            checks.append((last_is_padding.any(), explain))
+        return checks
 
     # ---------------------------------------------------------------------------------- forward
 
@@ -697,8 +762,14 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if labels is not None and (mode is None or target_labels is None):
+            raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
+        # Every per-row check (slots, id ranges, routing ids, label layout, padding side) in one host sync.
+        self._validate(input_ids=input_ids, attention_mask=attention_mask, labels=labels, user_slot_ids=user_slot_ids,
+                       item_slot_ids=item_slot_ids, history_item_ids=history_item_ids, user_ids=user_ids,
+                       routes=self.has_experts)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+            inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
         batch_size, sequence_length = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=inputs_embeds.device)
@@ -709,7 +780,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
 
         routed_rows = batch_size
         if self.has_experts:
-            routing_weights = self.route(user_ids, history_item_ids)
+            routing_weights = self._route(user_ids, history_item_ids)
             if labels is not None and self.training and self.config.train_general_expert:
                 # The general expert sees every row: the batch runs twice in one pass, once under the
                 # routing rule and once through the general expert alone.
@@ -722,17 +793,8 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 batch_size *= 2
             self.routing_state.weights = routing_weights
 
-        if labels is None and not bool(attention_mask[:, -1].all()):
-            row = (attention_mask[:, -1] == 0).nonzero()[0].item()
-            raise ValueError(
-                f"row {row}: the last column is padding, so the score would be read at a pad token; prompts must be "
-                "left-padded (ThinkRecCollator and ThinkRecProcessor do this; a tokenizer needs padding_side='left')."
-            )
         lm_kwargs = self._cache_kwargs(cache if cache is not None else past_key_values, use_cache)
         if labels is not None:
-            if mode is None or target_labels is None:
-                raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
-            self.prompt_length(labels)  # checks every row has an answer starting at one shared column
             # Vocabulary logits only where they are used: the positions that predict an answer token.
             # The first of them in each row is the last prompt position, where the score is read.
             shifted_labels = labels[:, 1:]
@@ -756,7 +818,8 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         else:
             # `logits` is [n_answer_tokens, vocab], rows in batch order; each row's first entry is its score position.
             tokens_per_row = predicts_answer.sum(-1)
-            row_of_token = torch.repeat_interleave(torch.arange(batch_size, device=logits.device), tokens_per_row)
+            row_of_token = torch.repeat_interleave(torch.arange(batch_size, device=logits.device), tokens_per_row,
+                                                   output_size=logits.shape[0])
             first_token = tokens_per_row.cumsum(0) - tokens_per_row
             scores = self._score_logits(logits[first_token])
             bce_loss = F.binary_cross_entropy_with_logits(scores, target_labels.float(), reduction="none")

@@ -12,6 +12,7 @@ import torch
 from _tiny_model import REPO_ROOT, make_model, make_records
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from configuration_thinkrec import ThinkRecConfig
@@ -602,3 +603,49 @@ def test_a_right_padded_prompt_batch_is_refused(mf_model):
     with pytest.raises(ValueError, match="row .: the last column is padding"):
         model.score(input_ids=batch["input_ids"].flip(-1), attention_mask=right_padded,
                     user_slot_ids=batch["user_slot_ids"], item_slot_ids=batch["item_slot_ids"])
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that make a CUDA device wait for the host: reading a value (`.item()`, `bool()`),
+    `nonzero`, boolean-mask indexing and `repeat_interleave` without its output size."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name in ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"):
+            self.count += 1
+        elif name == "aten.index.Tensor" and any(isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                                                 for index in args[1] if index is not None):
+            self.count += 1
+        elif name.startswith("aten.repeat_interleave") and kwargs.get("output_size") is None:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["mf", "sasrec", "mf_experts", "none"])
+def test_the_per_row_checks_cost_one_host_sync_on_the_happy_path(kind):
+    """All of forward's slot, id-range, routing and padding checks together add one host sync to the LM's
+    own (they were 5-9: a `.nonzero()`/`.any()`/`.item()` per check and boolean-mask lookups)."""
+    if kind == "mf_experts":
+        from test_experts_model import with_experts
+
+        model, tokenizer = with_experts("mf")
+    else:
+        model, tokenizer = make_model(kind)
+    records = make_records(4, seed=2)
+    batch = collate(tokenizer, records, include_answers=False, **({"template": "text_only"} if kind == "none" else {}))
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "user_slot_ids", "item_slot_ids",
+                                          "history_item_ids", "user_ids")}
+    with torch.no_grad():
+        embeds = model.embed_prompt(batch["input_ids"], batch["user_slot_ids"], batch["item_slot_ids"], batch["history_item_ids"])
+        if model.has_experts:
+            model.routing_state.weights = model.route(batch["user_ids"])
+        with _HostSyncCounter() as language_model_alone:
+            model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], logits_to_keep=1)
+        with _HostSyncCounter() as thinkrec:
+            model(**inputs)
+    assert thinkrec.count - language_model_alone.count == 1
