@@ -83,6 +83,10 @@ class ThinkRecOutput(ModelOutput):
             with labels, only with `return_logits=True` (every position).
         cache / past_key_values (`Cache`): the LM's key/value cache when `use_cache`, under the name the
             installed transformers uses (`cache` from 5.2x, `past_key_values` before).
+        cf_scores (`torch.FloatTensor` of shape `(batch_size,)`): with `return_cf_scores=True`, the
+            collaborative model's own score of each row (user vector · target item vector, float32).
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts + 1)`): for a model with
+            experts, the weights each row was served with (last column: the general expert).
     """
 
     loss: torch.FloatTensor | None = None
@@ -92,6 +96,8 @@ class ThinkRecOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     cache: object | None = None
     past_key_values: object | None = None
+    cf_scores: torch.FloatTensor | None = None
+    routing_weights: torch.FloatTensor | None = None
 
 
 class ThinkRecProjector(nn.Module):
@@ -598,7 +604,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------------------------- checks
 
     def _validate(self, input_ids=None, attention_mask=None, labels=None, user_slot_ids=None, item_slot_ids=None,
-                  history_item_ids=None, user_ids=None, routes: bool = False) -> None:
+                  history_item_ids=None, user_ids=None, routes: bool = False, item_ids=None) -> None:
         """Every per-row check of a batch, at the cost of one host sync on the happy path: the checks are
         tensor expressions reduced to one flag (LLaVA's one numel comparison, for all of them at once);
         only when it is set are they run one by one to name the row and what is wrong."""
@@ -607,15 +613,18 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         for name, ids in (("user_slot_ids", user_slot_ids), ("item_slot_ids", item_slot_ids)):
             if input_ids is not None and ids is not None and ids.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"{name}: expected {input_ids.shape[0]} rows like input_ids, found {ids.shape[0]}.")
-        needs_history = (routes and sasrec) or (
+        scores_cf = item_ids is not None
+        needs_history = ((routes or scores_cf) and sasrec) or (
             input_ids is not None and sasrec and user_slot_ids is not None and user_slot_ids.shape[1] > 0)
         if needs_history and history_item_ids is None:
-            raise ValueError("SASRec user vectors (slots and routing) need history_item_ids ([batch, length], left-padded with 0).")
-        if routes and not sasrec and user_ids is None:
-            raise ValueError("Routing needs user_ids (one CF user id per row; ThinkRecCollator provides them).")
+            raise ValueError("SASRec user vectors (slots, routing, CF scores) need history_item_ids ([batch, length], "
+                             "left-padded with 0).")
+        if (routes or scores_cf) and not sasrec and user_ids is None:
+            raise ValueError("Routing and CF scores need user_ids (one CF user id per row; ThinkRecCollator provides them).")
         checks = self._problem_checks(input_ids, attention_mask, labels, user_slot_ids, item_slot_ids,
-                                      history_item_ids if needs_history else None, user_ids if routes and not sasrec else None,
-                                      routes=routes)
+                                      history_item_ids if needs_history else None,
+                                      user_ids if (routes or scores_cf) and not sasrec else None,
+                                      routes=routes, target_item_ids=item_ids)
         if not checks:
             return
         if bool(torch.stack([flag for flag, _ in checks]).any()):  # the one host sync
@@ -625,7 +634,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             raise AssertionError("an input check flagged a problem it could not name")  # unreachable
 
     def _problem_checks(self, input_ids, attention_mask, labels, user_slot_ids, item_slot_ids, history_item_ids,
-                        routing_user_ids, routes: bool = False) -> list:
+                        cf_user_ids, routes: bool = False, target_item_ids=None) -> list:
         """(flag tensor, function raising the detailed message) per check that applies to these inputs."""
         config = self.config
         checks = []
@@ -674,9 +683,12 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                 id_range("item_slot_ids", item_slot_ids, config.num_items)
         if history_item_ids is not None:
             id_range("history_item_ids", history_item_ids, config.num_items)
-        if routing_user_ids is not None:
-            id_range("user_ids", routing_user_ids, config.num_users)
-            padding = routing_user_ids == 0
+        if cf_user_ids is not None:
+            id_range("user_ids", cf_user_ids, config.num_users)
+        if target_item_ids is not None:
+            id_range("item_ids", target_item_ids, config.num_items)
+        if routes and cf_user_ids is not None:
+            padding = cf_user_ids == 0
 
             def explain():
                 raise ValueError(f"user_ids: row {padding.nonzero()[0].item()} holds the padding id 0, which has no CF "
@@ -746,6 +758,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
         return_logits: bool = False,
+        return_cf_scores: bool = False,
         **kwargs,
     ) -> ThinkRecOutput:
         r"""
@@ -759,28 +772,37 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         cache / past_key_values / use_cache: the LM's key/value cache, as `GenerationMixin` passes it.
         logits_to_keep: without labels, which positions get vocabulary logits (int: the last n; default 1).
         return_logits: also return the full vocabulary logits (memory heavy; off for training/eval).
+        return_cf_scores: also return the CF model's own score of each row (needs `item_ids`, and
+            `user_ids` or, for SASRec, `history_item_ids`); computed here so that it runs wherever the
+            model's tables are (sharded under FSDP / ZeRO-3), not from tables read on one rank.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if labels is not None and (mode is None or target_labels is None):
             raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
+        if return_cf_scores and (self.config.cf_model_type == "none" or item_ids is None):
+            raise ValueError("return_cf_scores needs a model with CF tables and the rows' item_ids (target item CF ids).")
         # Every per-row check (slots, id ranges, routing ids, label layout, padding side) in one host sync.
         self._validate(input_ids=input_ids, attention_mask=attention_mask, labels=labels, user_slot_ids=user_slot_ids,
                        item_slot_ids=item_slot_ids, history_item_ids=history_item_ids, user_ids=user_ids,
-                       routes=self.has_experts)
+                       routes=self.has_experts, item_ids=item_ids if return_cf_scores else None)
         if inputs_embeds is None:
             inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
         batch_size, sequence_length = inputs_embeds.shape[:2]
-        if attention_mask is None:
+        has_cache = cache is not None or past_key_values is not None
+        if attention_mask is None and not has_cache:
             attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=inputs_embeds.device)
-        if position_ids is None:
+        if position_ids is None and attention_mask is not None and not has_cache:
             # Left padding: positions count real tokens only, so a row's positions do not depend on
             # how much padding the other rows forced on it.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # With a cache and no mask (GenerationMixin drops an all-ones mask), the LM builds both from the
+        # cache: a mask made here would cover the new tokens only and hide the cached ones.
 
-        routed_rows = batch_size
+        cf_scores = self._cf_scores(user_ids, history_item_ids, item_ids) if return_cf_scores else None
+        routed_rows, served_by = batch_size, None
         if self.has_experts:
-            routing_weights = self._route(user_ids, history_item_ids)
+            routing_weights = served_by = self._route(user_ids, history_item_ids)
             if labels is not None and self.training and self.config.train_general_expert:
                 # The general expert sees every row: the batch runs twice in one pass, once under the
                 # routing rule and once through the general expert alone.
@@ -838,9 +860,20 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             bce_loss=bce_loss,
             lm_loss=lm_loss,
             logits=full_logits,
+            cf_scores=cf_scores,
+            routing_weights=served_by,
             # Under the one name this transformers release reads back into the next generation step.
             **{self._cache_name: lm_cache},
         )
+
+    def _cf_scores(self, user_ids, history_item_ids, item_ids) -> torch.Tensor:
+        """The CF model's score of each row: its user vector (table row, or the SASRec encoding of the
+        liked history) · the target item's vector, in float32."""
+        if self.config.cf_model_type == "sasrec":
+            users = self.sequence_encoder.encode(history_item_ids)
+        else:
+            users = self.user_table(user_ids)
+        return (users.float() * self.item_table(item_ids).float()).sum(-1)
 
     @functools.cached_property
     def _lm_forward_parameters(self) -> frozenset:
