@@ -58,6 +58,7 @@ from thinkrec.training.resume import RunArgumentsCallback, check_resumable, remo
 from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
+from thinkrec.utils.distributed import map_over_ranks, synced_generation
 from thinkrec.utils.errors import InputError, MissingInputError
 from thinkrec.utils.files import atomic_write, write_json
 from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
@@ -442,30 +443,21 @@ def check_template(template: str, model: ThinkRecForCausalLM, stage: str) -> Non
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def cf_alone_scores(model: ThinkRecForCausalLM, cf, dataset: datasets.Dataset) -> Optional[np.ndarray]:
-    """Scores of the collaborative model by itself on `dataset` (from the model's tables, else `cf`)."""
-    user_ids = torch.tensor(dataset["UserID"])
+def external_cf_scores(cf, dataset: datasets.Dataset) -> np.ndarray:
+    """Scores of a CF checkpoint that the model does not hold (a text-only stage's `cf_checkpoint`): host
+    tables read by one rank, nothing sharded. A model with tables scores its CF model in its forward."""
     item_ids = torch.tensor(dataset["TargetItemID"])
     with torch.no_grad():
-        if model.config.cf_model_type != "none":
-            item_table = model.item_table.weight.float().cpu()
-            if model.sequence_encoder is not None:
-                encoder, user_table = model.sequence_encoder, None
-            else:
-                encoder, user_table = None, model.user_table.weight.float().cpu()
-        elif cf is not None:
-            item_table, user_table, encoder = cf.item_table.float(), cf.user_table, cf.sequence_encoder
-        else:
-            return None
-        if encoder is not None:
-            histories = [[i for i, label in zip(ids, labels) if label == 1] or [0] for ids, labels in zip(dataset["HisItemIDs"], dataset["HisItemLabels"])]
+        if cf.sequence_encoder is not None:
+            histories = [[i for i, label in zip(ids, labels) if label == 1] or [0]
+                         for ids, labels in zip(dataset["HisItemIDs"], dataset["HisItemLabels"])]
             width = max(len(h) for h in histories)
             padded = torch.tensor([[0] * (width - len(h)) + h for h in histories])
-            encoder = encoder.float().cpu().eval()
+            encoder = cf.sequence_encoder.float().cpu().eval()
             users = torch.cat([encoder.encode(chunk) for chunk in padded.split(4096)])
         else:
-            users = user_table.float()[user_ids]
-        return (users * item_table[item_ids]).sum(-1).numpy()
+            users = cf.user_table.float()[torch.tensor(dataset["UserID"])]
+        return (users * cf.item_table.float()[item_ids]).sum(-1).numpy()
 
 
 VERDICTS = ("No.", "Yes.")
@@ -492,34 +484,43 @@ def generate_reasons(model, processor, rows: list[dict], scores: np.ndarray, thr
             feature["prompt_ids"] = list(feature["prompt_ids"]) + verdict_ids[verdict]
         batch = processor.pad(features, include_answers=False)
         batch = {key: batch[key].to(model.device) for key in MODEL_INPUTS}
-        new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens)
+        new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, synced_gpus=synced_generation())
         # GenerationMixin returns the prompt followed by the answer; the verdict is decoded with what follows it.
         for row, verdict in zip(new_tokens[:, batch["input_ids"].shape[1]:].tolist(), verdicts):
             texts.append(tokenizer.decode(verdict_ids[verdict] + row, skip_special_tokens=True).strip())
     return texts
 
 
-def route_rows(model, tokenizer, collator_kwargs: dict, rows: datasets.Dataset, batch_size: int) -> np.ndarray:
-    """Routing weights [rows, G + 1] of every row, as the model applies them in its forward."""
-    collator = ThinkRecCollator(tokenizer, include_answers=False, **collator_kwargs)
-    weights = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-            weights.append(model.route(batch["user_ids"].to(model.device), batch["history_item_ids"].to(model.device)).float().cpu().numpy())
-    return np.concatenate(weights) if weights else np.zeros((0, model.config.num_experts + 1))
-
-
 def _json_safe(metrics: dict) -> dict:
     return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in metrics.items()}
 
 
-def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, training_args, collator_kwargs) -> dict:
-    """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons."""
-    output = trainer.predict(test, metric_key_prefix="test")
+def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args) -> dict:
+    """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons.
+
+    Everything that runs the model runs on every rank: scores, the CF model's own scores and routing
+    weights come from the forward passes of `trainer.predict` (gathered like the scores), and reason
+    generation splits its rows over the ranks. Under FSDP / ZeRO-3 each forward is collective, so a step
+    run by rank 0 alone would wait for the others forever. Rank 0 then writes the files."""
+    trainer.prediction_fields = ("scores", "cf_scores", "routing_weights")
+    try:
+        output = trainer.predict(test, metric_key_prefix="test")
+    finally:
+        trainer.prediction_fields = ("scores",)
+    outputs = output.predictions
+    scores = np.asarray(outputs["scores"], dtype=np.float64).reshape(-1)
+    texts = None
+    if data_args.generate_reasons_for > 0:
+        count = min(data_args.generate_reasons_for, len(test))
+
+        def generate(indices: list[int]) -> list[str]:
+            return generate_reasons(model, trainer.processing_class, [test[i] for i in indices], scores[indices],
+                                    data_args.verdict_threshold, data_args.max_new_tokens,
+                                    training_args.per_device_eval_batch_size)
+
+        texts = map_over_ranks(generate, list(range(count)))
     if not trainer.is_world_process_zero():
         return {}
-    scores = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
     user_ids, labels = np.asarray(test["UserID"]), np.asarray(test["label"])
     not_cold = np.asarray(test["not_cold"])
     metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold)
@@ -530,21 +531,23 @@ def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, tr
          "score": 1 / (1 + np.exp(-scores)), "not_cold": not_cold}
     )
     cf_metrics = None
-    cf_scores = cf_alone_scores(model, cf, test)
+    if "cf_scores" in outputs:
+        cf_scores, cf_name = np.asarray(outputs["cf_scores"], dtype=np.float64), model.config.cf_model_type
+    elif cf is not None:
+        cf_scores, cf_name = external_cf_scores(cf, test), cf.model_type
+    else:
+        cf_scores = None
     curves = {"ThinkRec": (labels, scores)}
     if cf_scores is not None:
+        predictions["cf_score"] = cf_scores  # the CF model's own logit (user vector · item vector)
         cf_metrics = compute_metrics(user_ids, labels, cf_scores, not_cold=not_cold)
-        cf_name = model.config.cf_model_type if model.config.cf_model_type != "none" else cf.model_type
         curves[f"{cf_name} alone"] = (labels, cf_scores)
         print(f"{cf_name.upper()} alone: AUC {cf_metrics['auc']:.4f}, UAUC {cf_metrics['uauc']:.4f}; "
               f"this model: AUC {metrics['auc']:.4f}, UAUC {metrics['uauc']:.4f}")
     if len(set(labels.tolist())) == 2:
         plot_roc_curves(curves, out / "roc_curve.png")
-    if data_args.generate_reasons_for > 0:
-        count = min(data_args.generate_reasons_for, len(test))
-        rows = [test[i] for i in range(count)]
-        texts = generate_reasons(model, trainer.processing_class, rows, scores[:count], data_args.verdict_threshold,
-                                 data_args.max_new_tokens, training_args.per_device_eval_batch_size)
+    if texts is not None:
+        count = len(texts)
         predictions["generated"] = texts + [None] * (len(test) - count)
         threshold_logit = math.log(data_args.verdict_threshold / (1 - data_args.verdict_threshold))
         agree = [verdict_of(text) == int(scores[i] >= threshold_logit) for i, text in enumerate(texts)]
@@ -552,12 +555,13 @@ def predict(trainer, model, tokenizer, cf, test: datasets.Dataset, data_args, tr
         metrics["verdict_agrees_with_score"] = float(np.mean(agree))
         metrics["reason_body_empty"] = float(np.mean([not reason_body(text) for text in texts]))
         for index, text in enumerate(texts[:5]):
-            print(f"[user {rows[index]['UserID']} / {rows[index]['TargetItemTitle']!r} / label {rows[index]['label']} / "
+            row = test[index]
+            print(f"[user {row['UserID']} / {row['TargetItemTitle']!r} / label {row['label']} / "
                   f"P(Yes)={predictions['score'][index]:.3f}] {text[:200]}")
         with open(out / "generation_settings.json", "w", encoding="utf-8") as handle:
             json.dump({**model.generation_config.to_dict(), "max_new_tokens": data_args.max_new_tokens}, handle, indent=2)
-    if model.has_experts:
-        weights = route_rows(model, tokenizer, collator_kwargs, test, training_args.per_device_eval_batch_size)
+    if "routing_weights" in outputs:
+        weights = np.asarray(outputs["routing_weights"], dtype=np.float64)
         # Which expert served each row: the cluster index, or G for the general expert.
         predictions["expert"] = weights.argmax(-1)
         predictions["routing_weights"] = list(weights)
@@ -651,6 +655,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         callbacks=callbacks,
     )
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("the launch asked for FSDP, but accelerate runs these ranks as %s (it turns FSDP on for GPU-type "
+                       "devices only): every rank holds the whole model", trainer.accelerator.distributed_type)
     results: dict = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
@@ -683,7 +690,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     if training_args.do_predict:
         trainer.compute_metrics = metrics_for(splits["test"])
-        results.update(predict(trainer, model, tokenizer, cf, splits["test"], data_args, training_args, collator_kwargs))
+        results.update(predict(trainer, model, cf, splits["test"], data_args, training_args))
 
     if not training_args.do_train:
         # Collective: under ZeRO-3 / FSDP every rank takes part in gathering the weights it saves.

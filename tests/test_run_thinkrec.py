@@ -314,18 +314,22 @@ def test_reasoning_rows_are_mixed_in_per_row_at_the_share():
 
 
 @pytest.mark.slow
+def launch_two_cpu_ranks(script, args_path, env_extra=None):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(REPO_ROOT, "accelerate_configs", "cpu_two_ranks.yaml"), script, str(args_path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
 def test_two_cpu_ranks_train_identical_weights_and_evaluate_every_row_once(assets, tmp_path):
     output_dir = tmp_path / "ddp"
     args = arguments(assets, output_dir, model_name_or_path=str(assets["backbone"]), stage="lora", do_eval=True,
                      per_device_train_batch_size=2, max_steps=3, save_steps=100, do_predict=True)
     path = tmp_path / "ddp.json"
     path.write_text(json.dumps(args))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", THINKREC_DUMP_RANK_WEIGHTS=str(tmp_path))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(REPO_ROOT, "accelerate_configs", "cpu_two_ranks.yaml"),
-               os.path.join(REPO_ROOT, "tests", "_launch_and_dump.py"), str(path)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    launch_two_cpu_ranks(os.path.join(REPO_ROOT, "tests", "_launch_and_dump.py"), path,
+                         {"THINKREC_DUMP_RANK_WEIGHTS": str(tmp_path)})
     rank0, rank1 = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
     for name in rank0:
@@ -334,6 +338,39 @@ def test_two_cpu_ranks_train_identical_weights_and_evaluate_every_row_once(asset
     assert results["test"]["n_rows"] == assets["metadata"]["rows"]["test"]
     evaluation = json.loads((output_dir / "eval_results.json").read_text())
     assert evaluation["eval_n_rows"] == assets["metadata"]["rows"]["validation"]  # gathered from both ranks, once
+
+
+def test_two_cpu_ranks_predict_generate_and_route_like_one(stage1, assets, tmp_path):
+    """Predict on two ranks gives what one rank gives: scores, the CF model's own scores and routing
+    weights from every rank's forwards, reasons generated for an odd number of rows split over both
+    ranks (rank 0 used to do the CF scoring, routing and generation alone, which hangs under FSDP/ZeRO-3)."""
+    stage1_dir, _ = stage1
+    experts = tmp_path / "experts"
+    run(tmp_path, arguments(assets, experts, init_from=str(stage1_dir), cf_checkpoint=str(assets["mf"]), stage="experts",
+                            num_clusters=2, routing_rule="soft", max_steps=2), name="train.json")
+    outputs = {}
+    for ranks in (1, 2):
+        output_dir = tmp_path / f"predict{ranks}"
+        args = arguments(assets, output_dir, init_from=str(experts), stage="experts", routing_rule="soft", do_train=False,
+                         do_predict=True, generate_reasons_for=3, max_new_tokens=5, per_device_eval_batch_size=4)
+        if ranks == 1:
+            run(tmp_path, args, name="predict1.json")
+        else:
+            path = tmp_path / "predict2.json"
+            path.write_text(json.dumps(args))
+            launch_two_cpu_ranks(os.path.join(REPO_ROOT, "run_thinkrec.py"), path)
+        outputs[ranks] = pd.read_parquet(output_dir / "test_predictions.parquet")
+    one, two = outputs[1], outputs[2]
+    assert len(two) == len(one) == assets["metadata"]["rows"]["test"]
+    np.testing.assert_allclose(two["score"], one["score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["cf_score"], one["cf_score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack(two["routing_weights"]), np.stack(one["routing_weights"]), rtol=1e-5, atol=1e-6)
+    assert one["generated"].notna().sum() == 3
+    assert two["generated"].tolist() == one["generated"].tolist()
+    # The CF scores are the MF checkpoint's own: user vector · item vector.
+    mf = load_file(assets["mf"] / "model.safetensors")
+    expected = (mf["user_table"][torch.tensor(one["UserID"])] * mf["item_table"][torch.tensor(one["TargetItemID"])]).sum(-1)
+    np.testing.assert_allclose(one["cf_score"], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_qlora_stage1_to_stage2_to_reflect_reloads_the_4bit_base(assets, tmp_path):

@@ -25,7 +25,13 @@ class ThinkRecTrainer(Trainer):
     batch holds rows of similar length; predictions come back, and metrics see them, in dataset order.
     The model sets `accepts_loss_kwargs = False`, so gradient accumulation divides its per-batch
     mean loss by the number of accumulation steps (tests/test_modeling.py proves the equivalence).
+
+    `prediction_fields` names the per-row outputs a prediction returns: ("scores",) by default; with
+    more (e.g. "cf_scores", "routing_weights"), predictions are a dict of the ones the model returns,
+    computed in the model's forward on every rank and gathered like the scores.
     """
+
+    prediction_fields: tuple[str, ...] = ("scores",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,12 +101,19 @@ class ThinkRecTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        extra = not prediction_loss_only and self.prediction_fields != ("scores",)
+        if extra and "cf_scores" in self.prediction_fields and self.accelerator.unwrap_model(model).config.cf_model_type != "none":
+            inputs = {**inputs, "return_cf_scores": True}
         with torch.no_grad():
             outputs = model(**inputs)
         loss = outputs.loss.detach() if outputs.loss is not None else None
         if prediction_loss_only:
             return loss, None, None
-        return loss, outputs.scores.detach().float(), inputs["target_labels"].detach().float()
+        if extra:
+            predictions = {name: outputs[name].detach().float() for name in self.prediction_fields if outputs.get(name) is not None}
+        else:
+            predictions = outputs.scores.detach().float()
+        return loss, predictions, inputs["target_labels"].detach().float()
 
 
 class LengthSortedSampler(Sampler):
@@ -128,6 +141,8 @@ def length_order(dataset) -> Optional[np.ndarray]:
 
 def _in_dataset_order(values, restore: np.ndarray):
     """Per-row arrays gathered in sampler order, put back in dataset order (other values as they are)."""
+    if isinstance(values, dict):
+        return {name: _in_dataset_order(value, restore) for name, value in values.items()}
     if isinstance(values, np.ndarray) and values.ndim >= 1 and len(values) == len(restore):
         return values[restore]
     return values
@@ -149,7 +164,8 @@ def metrics_for(dataset: datasets.Dataset, ks=(1, 3, 5, 10)):
     labels = np.asarray(dataset["label"], dtype=np.float64)
 
     def compute(prediction: EvalPrediction) -> dict[str, float]:
-        scores = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1)
+        predictions = prediction.predictions
+        scores = np.asarray(predictions["scores"] if isinstance(predictions, dict) else predictions, dtype=np.float64).reshape(-1)
         targets = np.asarray(prediction.label_ids, dtype=np.float64).reshape(-1)
         if len(scores) != len(user_ids):
             raise ValueError(f"evaluation returned {len(scores)} scores for {len(user_ids)} rows.")
