@@ -40,7 +40,7 @@ from thinkrec.reasons.reflection import (
     score_rows,
 )
 from thinkrec.reasons.sources import SynthesisedReasons
-from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
+from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_kwargs
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import ExistingOutputError, InputError, MissingInputError
@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise MissingInputError(f"model_dir={args.model_dir}: not a ThinkRec model folder (no config.json).")
-    model = ThinkRecForCausalLM.from_pretrained(args.model_dir, **load_kwargs(args.dtype)).eval()
+    model = ThinkRecForCausalLM.from_pretrained(args.model_dir, **load_kwargs(args.dtype, device_map=inference_device_map())).eval()
     if model.config.cf_model_type != "none":
         check_same_records(model.config.cf_records_fingerprint, model.config.cf_records_dir,
                            f"the collaborative tables of model_dir={args.model_dir}", args.records_dir, records.metadata)

@@ -476,3 +476,24 @@ def test_answers_cut_short_keep_their_complete_sentences_and_are_counted():
     assert results[1].error == "answer cut short before its first complete sentence"
     assert results[3].reason == "No. It is slow!"
     assert source.counters.as_dict()["cut_short"] == 3 and source.counters.as_dict()["failed"] == 1
+
+
+def test_a_local_teacher_loads_through_the_one_load_path(tmp_path):
+    """`teacher_dtype` / `teacher_load_in_4bit` / the device reach the teacher's from_pretrained (it used
+    to load every teacher in float32 on the CPU, whatever was asked and whatever the machine had)."""
+    import torch
+    from _run_fixtures import write_backbone
+
+    from thinkrec.reasons.reflection import TeacherArguments, build_teacher
+    from thinkrec.training import loading
+
+    folder = write_backbone(tmp_path / "teacher")
+    nouns = {"item_noun": "game", "item_noun_plural": "games"}
+    teacher = build_teacher("local", TeacherArguments(teacher_model=str(folder), teacher_dtype="bfloat16"), nouns)
+    assert teacher.model.dtype == torch.bfloat16
+    assert build_teacher("local", TeacherArguments(teacher_model=str(folder)), nouns).model.dtype == loading.default_dtype()
+    # QLoRA-style 4-bit teachers too (bitsandbytes runs 4-bit on this CPU).
+    import bitsandbytes as bnb
+
+    quantised = build_teacher("local", TeacherArguments(teacher_model=str(folder), teacher_load_in_4bit=True), nouns)
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in quantised.model.modules())

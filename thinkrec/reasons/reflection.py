@@ -12,6 +12,7 @@ import pandas as pd
 
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.reasons.sources import SOURCES, LocalTeacher, RemoteTeacher, SynthesisedReasons
+from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_kwargs
 from thinkrec.utils.errors import InputError
 from thinkrec.utils.subsets import seeded_subset
 
@@ -26,6 +27,10 @@ class TeacherArguments:
 
     teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF causal LM path or id (default: bundled SmolLM2-135M-Instruct)."})
     teacher_batch_size: int = field(default=8, metadata={"help": "local: rows per generation batch."})
+    teacher_dtype: str = field(default="auto", metadata={"help": f"local: weights, one of {list(DTYPE_CHOICES)} (auto = bfloat16 "
+                                                              "on a GPU that supports it, float32 on the CPU)."})
+    teacher_load_in_4bit: bool = field(default=False, metadata={"help": "local: load the teacher in 4-bit NF4 (bitsandbytes)."})
+    teacher_attn_implementation: Optional[str] = field(default=None, metadata={"help": "local: e.g. sdpa, flash_attention_2."})
     teacher_max_new_tokens: int = field(default=160, metadata={"help": "local/remote: tokens the teacher may write."})
     base_url: Optional[str] = field(default=None, metadata={"help": "remote: e.g. http://127.0.0.1:8080/v1."})
     remote_model: Optional[str] = field(default=None, metadata={"help": "remote: model name sent with each request."})
@@ -127,8 +132,12 @@ def build_teacher(kind: str, teacher_args: TeacherArguments, nouns: dict, cache_
     """A `LocalTeacher` (kind "local") or `RemoteTeacher` ("remote") from `teacher_args`. The remote one
     caches its answers in `teacher_args.cache_path`, else `cache_path`; the local one is not cached."""
     if kind == "local":
+        # The one load path (dtype, 4-bit, attention), on the GPU when there is one.
+        kwargs = load_kwargs(teacher_args.teacher_dtype, teacher_args.teacher_load_in_4bit,
+                             teacher_args.teacher_attn_implementation, device_map=inference_device_map())
         teacher = LocalTeacher(teacher_args.teacher_model, batch_size=teacher_args.teacher_batch_size,
-                               max_new_tokens=teacher_args.teacher_max_new_tokens, max_reason_tokens=max_reason_tokens, **nouns)
+                               max_new_tokens=teacher_args.teacher_max_new_tokens, max_reason_tokens=max_reason_tokens,
+                               load_kwargs=kwargs, **nouns)
         if count_tokens is not None:
             teacher.count_tokens = count_tokens
         return teacher

@@ -522,16 +522,21 @@ class LocalTeacher(ReasonSource):
         batch_size, max_new_tokens: generation settings.
         no_repeat_ngram_size: greedy decoding never repeats a word 3-gram (0 = off); small teachers loop without it.
         item_noun, item_noun_plural: what the items are, as the prompts name them.
+        load_kwargs: `from_pretrained` arguments of the teacher (dtype, 4-bit, attention, device), from
+            `thinkrec.training.loading.load_kwargs`, the load path every model here goes through; default:
+            bfloat16 on a GPU that supports it (placed there), float32 on the CPU.
     """
 
     name = "local"
 
     def __init__(self, model_name_or_path: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 160,
-                 prefill_verdict: bool = True, max_reason_tokens: int = 200, dtype=None, model=None, tokenizer=None,
+                 prefill_verdict: bool = True, max_reason_tokens: int = 200, load_kwargs: Optional[dict] = None,
+                 model=None, tokenizer=None,
                  item_noun: str = DEFAULT_ITEM_NOUN, item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
                  no_repeat_ngram_size: int = 3):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from thinkrec.training import loading
 
         self.no_repeat_ngram_size = no_repeat_ngram_size
 
@@ -540,7 +545,9 @@ class LocalTeacher(ReasonSource):
                 from thinkrec.training.backbones import smollm2_model_dir
 
                 model_name_or_path = str(smollm2_model_dir())
-            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype or torch.float32)
+            if load_kwargs is None:
+                load_kwargs = loading.load_kwargs(device_map=loading.inference_device_map())
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **load_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         if tokenizer is None:
             raise ValueError("LocalTeacher: a model passed in needs its tokenizer too.")

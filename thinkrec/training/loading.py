@@ -21,6 +21,14 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
+def inference_device_map() -> Optional[dict]:
+    """Where a tool that runs a model by itself (reflect.py, a local teacher) puts it: the current GPU when
+    there is one, else None (the CPU). Training leaves placement to Trainer / accelerate instead."""
+    if torch.cuda.is_available():
+        return {"": torch.cuda.current_device()}
+    return None
+
+
 def load_kwargs(dtype: str = "auto", load_in_4bit: bool = False, attn_implementation: Optional[str] = None,
                 trust_remote_code: bool = False, device_map=None) -> dict:
     """`from_pretrained` arguments for `dtype` ("auto" = `default_dtype()`), QLoRA's 4-bit NF4 base,
