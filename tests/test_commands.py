@@ -143,3 +143,44 @@ def test_every_example_file_parses_with_its_command(path, tmp_path, monkeypatch)
         assert found, f"{path}: {key!r} reached no argument of {module.__name__}"
         if not isinstance(value, (list, dict)):
             assert any(item == value or str(item) == str(value) for item in found), (key, value, found)
+
+
+def test_the_games_example_prepares_a_second_domain_whose_prompts_speak_of_games(tmp_path, monkeypatch):
+    """examples/games: the generated log goes through prepare_data.py with the example's own arguments;
+    genres given as lists become 'A|B', the records say "game"/"games", and a ThinkRec-style history
+    (liked and disliked) renders as such in the prompt."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    import prepare_data
+    from data_collator import build_processor
+    from modeling_thinkrec import add_slot_tokens
+    from thinkrec.data.nouns import item_nouns_from_metadata
+    from thinkrec.data.records import load_items, load_prepared
+    from thinkrec.training.backbones import smollm2_tokenizer_dir
+
+    spec = importlib.util.spec_from_file_location("generate_log", os.path.join(REPO_ROOT, "examples", "games", "generate_log.py"))
+    generate_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_log)
+    monkeypatch.chdir(tmp_path)
+    summary = generate_log.main(["--output_dir", "outputs/games/raw", "--num_players", "60", "--num_games", "40"])
+    assert summary["games"] == 40 and 0.2 < summary["liked_share"] < 0.8
+    prepare_data.main([os.path.join(REPO_ROOT, "examples", "games", "records.json")])
+    records = load_prepared("outputs/games/records")
+    assert (records.metadata["item_noun"], records.metadata["item_noun_plural"]) == ("game", "games")
+    items = load_items("outputs/games/records")
+    raw = {json.loads(line)["name"]: json.loads(line)["categories"] for line in open("outputs/games/raw/games.jsonl")}
+    assert all(row["genres"] == "|".join(raw[row["title"]]) for _, row in items.iterrows() if row["title"] in raw)
+    test = records.splits["test"]
+    row = next(r for r in test.to_dict("records") if 0 < sum(r["HisItemLabels"]) < len(r["HisItemLabels"]))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    add_slot_tokens(tokenizer, "<|user_slot|>", "<|item_slot|>")
+    processor = build_processor(tokenizer, template="text_only", **item_nouns_from_metadata(records.metadata))
+    text, _, _ = processor.render_prompt(row, processor.templates[0], len(row["HisItemIDs"]))
+    liked = [t for t, label in zip(row["HisItemTitles"], row["HisItemLabels"]) if label == 1]
+    disliked = [t for t, label in zip(row["HisItemTitles"], row["HisItemLabels"]) if label == 0]
+    assert "following games" in text and "game titled" in text and "movie" not in text
+    assert "low ratings to the following games" in text
+    assert all(f'"{title}"' in text for title in liked + disliked)
+    assert text.index(f'"{liked[-1]}"') < text.index("low ratings") < text.index(f'"{disliked[-1]}"')
