@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUTPUT_DIR ?= outputs/quickstart
 
-.PHONY: install test quickstart reflection clean
+.PHONY: install test quickstart reflection games clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,16 @@ reflection: install
 	$(RUN) $(BIN)/python prepare_data.py examples/quickstart/records.json
 	$(RUN) $(BIN)/python extract_keywords.py --records_dir outputs/quickstart/records --overwrite true
 	$(RUN) $(BIN)/python reflection_loop.py examples/reflection/loop.json
+
+# A second domain on the same pipeline: a generated game-play log (no real games data is reachable
+# offline; see examples/games/generate_log.py) -> records about "games" with liked and disliked
+# histories -> MF -> stage 1 -> stage 2.
+games: install
+	$(RUN) $(BIN)/python examples/games/generate_log.py --output_dir outputs/games/raw
+	$(RUN) $(BIN)/python prepare_data.py examples/games/records.json
+	$(RUN) $(BIN)/python train_collaborative.py examples/games/mf.json
+	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/games/stage1_lora.json
+	$(RUN) $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) run_thinkrec.py examples/games/stage2_projector.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
