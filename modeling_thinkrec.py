@@ -605,38 +605,22 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
 
     def _validate(self, input_ids=None, attention_mask=None, labels=None, user_slot_ids=None, item_slot_ids=None,
                   history_item_ids=None, user_ids=None, routes: bool = False, item_ids=None) -> None:
-        """Every per-row check of a batch, at the cost of one host sync on the happy path: the checks are
-        tensor expressions reduced to one flag (LLaVA's one numel comparison, for all of them at once);
-        only when it is set are they run one by one to name the row and what is wrong."""
+        """Every per-row check of a batch, at the cost of one host sync on the happy path: each check is a
+        tensor flag paired with a function that names the row; the flags are reduced to one (LLaVA's one
+        numel comparison, for all of them at once), and only when it is set are the messages built.
+        `routes`: the batch is routed to experts; `item_ids`: CF scores are asked for."""
         config = self.config
         sasrec = config.cf_model_type == "sasrec"
         for name, ids in (("user_slot_ids", user_slot_ids), ("item_slot_ids", item_slot_ids)):
             if input_ids is not None and ids is not None and ids.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"{name}: expected {input_ids.shape[0]} rows like input_ids, found {ids.shape[0]}.")
-        scores_cf = item_ids is not None
-        needs_history = ((routes or scores_cf) and sasrec) or (
-            input_ids is not None and sasrec and user_slot_ids is not None and user_slot_ids.shape[1] > 0)
-        if needs_history and history_item_ids is None:
+        reads_users = routes or item_ids is not None  # routing and CF scores read each row's user vector
+        has_user_slots = input_ids is not None and user_slot_ids is not None and user_slot_ids.shape[1] > 0
+        if sasrec and (reads_users or has_user_slots) and history_item_ids is None:
             raise ValueError("SASRec user vectors (slots, routing, CF scores) need history_item_ids ([batch, length], "
                              "left-padded with 0).")
-        if (routes or scores_cf) and not sasrec and user_ids is None:
+        if reads_users and not sasrec and user_ids is None:
             raise ValueError("Routing and CF scores need user_ids (one CF user id per row; ThinkRecCollator provides them).")
-        checks = self._problem_checks(input_ids, attention_mask, labels, user_slot_ids, item_slot_ids,
-                                      history_item_ids if needs_history else None,
-                                      user_ids if (routes or scores_cf) and not sasrec else None,
-                                      routes=routes, target_item_ids=item_ids)
-        if not checks:
-            return
-        if bool(torch.stack([flag for flag, _ in checks]).any()):  # the one host sync
-            for flag, explain in checks:
-                if bool(flag):
-                    explain()
-            raise AssertionError("an input check flagged a problem it could not name")  # unreachable
-
-    def _problem_checks(self, input_ids, attention_mask, labels, user_slot_ids, item_slot_ids, history_item_ids,
-                        cf_user_ids, routes: bool = False, target_item_ids=None) -> list:
-        """(flag tensor, function raising the detailed message) per check that applies to these inputs."""
-        config = self.config
         checks = []
 
         def id_range(name, ids, table_size):
@@ -677,23 +661,23 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                         f"{per_id} ({rows.numel()} mismatched rows)."
                     )
                 checks.append((mismatched.any(), explain))
-            if user_slot_ids is not None and config.cf_model_type != "sasrec":
+            if user_slot_ids is not None and not sasrec:
                 id_range("user_slot_ids", user_slot_ids, config.num_users)
             if item_slot_ids is not None:
                 id_range("item_slot_ids", item_slot_ids, config.num_items)
-        if history_item_ids is not None:
+        if sasrec and (reads_users or has_user_slots):
             id_range("history_item_ids", history_item_ids, config.num_items)
-        if cf_user_ids is not None:
-            id_range("user_ids", cf_user_ids, config.num_users)
-        if target_item_ids is not None:
-            id_range("item_ids", target_item_ids, config.num_items)
-        if routes and cf_user_ids is not None:
-            padding = cf_user_ids == 0
+        if reads_users and not sasrec:
+            id_range("user_ids", user_ids, config.num_users)
+            if routes:
+                padding = user_ids == 0
 
-            def explain():
-                raise ValueError(f"user_ids: row {padding.nonzero()[0].item()} holds the padding id 0, which has no CF "
-                                 "vector to route by.")
-            checks.append((padding.any(), explain))
+                def explain():
+                    raise ValueError(f"user_ids: row {padding.nonzero()[0].item()} holds the padding id 0, which has no "
+                                     "CF vector to route by.")
+                checks.append((padding.any(), explain))
+        if item_ids is not None:
+            id_range("item_ids", item_ids, config.num_items)
         if routes:
             checks.append((self.router.has_no_centroids(), self.router.check_centroids))
         if labels is not None:
@@ -710,7 +694,11 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                     "tokenizer needs padding_side='left')."
                 )
             checks.append((last_is_padding.any(), explain))
-        return checks
+        if checks and bool(torch.stack([flag for flag, _ in checks]).any()):  # the one host sync
+            for flag, explain in checks:
+                if bool(flag):
+                    explain()
+            raise AssertionError("an input check flagged a problem it could not name")  # unreachable
 
     # ---------------------------------------------------------------------------------- forward
 
