@@ -46,6 +46,7 @@ from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, inp
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
 from processing_thinkrec import MODEL_INPUTS, RECORD_FIELDS
 from thinkrec.collaborative.models import load_cf_checkpoint
+from thinkrec.collaborative.training import history_matrix
 from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_items, load_records_dataset
@@ -446,18 +447,15 @@ def check_template(template: str, model: ThinkRecForCausalLM, stage: str) -> Non
 def external_cf_scores(cf, dataset: datasets.Dataset) -> np.ndarray:
     """Scores of a CF checkpoint that the model does not hold (a text-only stage's `cf_checkpoint`): host
     tables read by one rank, nothing sharded. A model with tables scores its CF model in its forward."""
-    item_ids = torch.tensor(dataset["TargetItemID"])
     with torch.no_grad():
         if cf.sequence_encoder is not None:
-            histories = [[i for i, label in zip(ids, labels) if label == 1] or [0]
-                         for ids, labels in zip(dataset["HisItemIDs"], dataset["HisItemLabels"])]
-            width = max(len(h) for h in histories)
-            padded = torch.tensor([[0] * (width - len(h)) + h for h in histories])
-            encoder = cf.sequence_encoder.float().cpu().eval()
-            users = torch.cat([encoder.encode(chunk) for chunk in padded.split(4096)])
+            # SASRec encodes the liked history, left-padded, as it was trained (train_collaborative.py).
+            histories = history_matrix(dataset["HisItemIDs"], dataset["HisItemLabels"], cf.sequence_encoder.max_len)
+            cf.sequence_encoder.float().cpu().eval()
+            users = torch.cat([cf.user_vectors(history_ids=chunk) for chunk in histories.split(4096)])
         else:
-            users = cf.user_table.float()[torch.tensor(dataset["UserID"])]
-        return (users * cf.item_table.float()[item_ids]).sum(-1).numpy()
+            users = cf.user_vectors(user_ids=torch.tensor(dataset["UserID"]))
+        return (users.float() * cf.item_table.float()[torch.tensor(dataset["TargetItemID"])]).sum(-1).numpy()
 
 
 VERDICTS = ("No.", "Yes.")
