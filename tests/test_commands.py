@@ -171,7 +171,7 @@ def test_the_games_example_prepares_a_second_domain_whose_prompts_speak_of_games
     assert (records.metadata["item_noun"], records.metadata["item_noun_plural"]) == ("game", "games")
     items = load_items("outputs/games/records")
     raw = {json.loads(line)["name"]: json.loads(line)["categories"] for line in open("outputs/games/raw/games.jsonl")}
-    assert all(row["genres"] == "|".join(raw[row["title"]]) for _, row in items.iterrows() if row["title"] in raw)
+    assert len(items) == len(raw) and all(row["genres"] == "|".join(raw[row["title"]]) for _, row in items.iterrows())
     test = records.splits["test"]
     row = next(r for r in test.to_dict("records") if 0 < sum(r["HisItemLabels"]) < len(r["HisItemLabels"]))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())

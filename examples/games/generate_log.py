@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from thinkrec.utils.files import atomic_write
 
 
 GENRES = {
@@ -82,12 +82,12 @@ def make_plays(games: list[dict], num_players: int, plays_per_player: float, rng
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Written to a temporary file in the same folder, then renamed: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(handle.name, path)
+    """Never half-written: the project's atomic write (a temporary file renamed into place)."""
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic_write(path, write)
 
 
 def main(argv=None) -> dict:
