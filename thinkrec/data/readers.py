@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from thinkrec.utils.errors import InputError, MissingInputError
 
@@ -50,6 +51,8 @@ class InteractionLog:
     interactions: pd.DataFrame
     items: pd.DataFrame
     source: str
+    path: Optional[str] = None  # the interaction file, named in messages
+    feedback_column: Optional[str] = None  # the rating or label column as that file names it
 
     @property
     def feedback(self) -> str:
@@ -83,6 +86,22 @@ def _require_file(path: os.PathLike | str, what: str) -> Path:
     return path
 
 
+def _read_file(read, path: Path, what: str, **options) -> pd.DataFrame:
+    """`read(path, **options)`; a file that is empty or cannot be parsed as `what` is one error naming it."""
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{path}: the file is empty (0 bytes); expected {what} with a header naming the columns.")
+    try:
+        return read(path, **options)
+    except (ValueError, pa.ArrowException) as error:  # pandas' ParserError, bad JSON, undecodable text, bad Parquet
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].removeprefix("Error tokenizing data. C error: ")
+        raise DataFormatError(f"{path}: cannot be read as {what}: {reason}") from error
+
+
+def _read_text_table(path: Path, what: str, **options) -> pd.DataFrame:
+    """A delimited text file with every cell as the text written ("007" stays "007", an empty cell is "")."""
+    return _read_file(pd.read_csv, path, what, dtype=str, keep_default_na=False, encoding="utf-8", **options)
+
+
 def _require_columns(frame: pd.DataFrame, columns: dict[str, Optional[str]], path: Path) -> None:
     """Check that every configured column exists; name the file, the role and what is there."""
     missing = {role: name for role, name in columns.items() if name is not None and name not in frame.columns}
@@ -94,28 +113,40 @@ def _require_columns(frame: pd.DataFrame, columns: dict[str, Optional[str]], pat
         )
 
 
+def _empty_cells(values: pd.Series) -> pd.Series:
+    """Missing cells, and blank ones in text columns (CSV, TSV and RecBole files are read as text)."""
+    empty = values.isna()
+    if not pd.api.types.is_numeric_dtype(values):
+        empty |= values.astype(str).str.strip() == ""
+    return empty
+
+
+def _first_row(mask: pd.Series) -> int:
+    return int(np.flatnonzero(mask.to_numpy())[0])
+
+
 def _numeric_column(values: pd.Series, path: Path, column: str) -> pd.Series:
     """Convert to float64; raise naming the file, column and a bad sample value otherwise."""
     converted = pd.to_numeric(values, errors="coerce")
-    bad = converted.isna() & values.notna()
+    empty = _empty_cells(values)
+    bad = converted.isna() & ~empty
     if bad.any():
         sample = values[bad].iloc[0]
         raise DataFormatError(
             f"{path}: column {column!r} must be numeric, found {int(bad.sum())} non-numeric value(s), "
-            f"e.g. {sample!r} (row {int(np.flatnonzero(bad.to_numpy())[0])})."
+            f"e.g. {sample!r} (row {_first_row(bad)})."
         )
-    if converted.isna().any():
-        row = int(np.flatnonzero(converted.isna().to_numpy())[0])
-        raise DataFormatError(f"{path}: column {column!r} has {int(converted.isna().sum())} empty value(s), first at row {row}.")
+    if empty.any():
+        raise DataFormatError(f"{path}: column {column!r} has {int(empty.sum())} empty value(s), first at row {_first_row(empty)}.")
     return converted.astype("float64")
 
 
 def _timestamp_column(values: pd.Series, path: Path, column: str) -> pd.Series:
     """Unix seconds as int64 from numbers or from date strings (``2019-03-01``, ISO 8601...)."""
+    empty = _empty_cells(values)
+    if empty.any():
+        raise DataFormatError(f"{path}: column {column!r} has empty timestamps, first at row {_first_row(empty)}.")
     if pd.api.types.is_numeric_dtype(values):
-        if values.isna().any():
-            row = int(np.flatnonzero(values.isna().to_numpy())[0])
-            raise DataFormatError(f"{path}: column {column!r} has empty timestamps, first at row {row}.")
         return values.astype("float64").round().astype("int64")
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.notna().all():
@@ -132,10 +163,10 @@ def _timestamp_column(values: pd.Series, path: Path, column: str) -> pd.Series:
 
 
 def _id_column(values: pd.Series, path: Path, column: str) -> pd.Series:
-    """Ids as strings; integral floats (``12.0`` from CSV) become ``"12"``."""
-    if values.isna().any():
-        row = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataFormatError(f"{path}: column {column!r} has {int(values.isna().sum())} empty id(s), first at row {row}.")
+    """Ids as strings: text as written ("007" is not "7"); stored numbers as their decimal text (``12.0`` -> ``"12"``)."""
+    empty = _empty_cells(values)
+    if empty.any():
+        raise DataFormatError(f"{path}: column {column!r} has {int(empty.sum())} empty id(s), first at row {_first_row(empty)}.")
     if pd.api.types.is_float_dtype(values) and (values == values.round()).all():
         values = values.astype("int64")
     return values.astype(str)
@@ -278,10 +309,10 @@ RECBOLE_FIELD_ALIASES = {
 
 def _read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """Read one RecBole atomic file: a tab-separated table whose header cells are ``name:type``."""
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
+    # QUOTE_NONE: RecBole files are not quoted, titles may contain '"'.
+    frame = _read_text_table(path, "a RecBole atomic file (tab-separated)", sep="\t", quoting=3)
     names, types = [], {}
-    for cell in header:
+    for cell in frame.columns:
         if ":" not in cell:
             raise DataFormatError(
                 f"{path}: header cell {cell!r} is not of the form name:type (RecBole atomic format, "
@@ -290,16 +321,7 @@ def _read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
         name, kind = cell.rsplit(":", 1)
         names.append(name)
         types[name] = kind
-    frame = pd.read_csv(
-        path,
-        sep="\t",
-        header=0,
-        names=names,
-        dtype=str,
-        keep_default_na=False,
-        quoting=3,  # QUOTE_NONE: RecBole files are not quoted, titles may contain '"'.
-        encoding="utf-8",
-    )
+    frame.columns = names
     return frame, types
 
 
@@ -414,7 +436,7 @@ def read_recbole_atomic(
             item_frame[title] = item_frame[title].where(~has_year, item_frame[title] + " (" + years + ")")
         genre_separator = " " if genres is not None and item_types.get(genres) == "token_seq" else None
         items = _items_from_columns(item_frame, item_id, title, genres, description, item_path, genre_separator)
-    return InteractionLog(interactions=interactions, items=items, source=f"recbole:{inter_path.stem}")
+    return InteractionLog(interactions, items, f"recbole:{inter_path.stem}", str(inter_path), rating or label)
 
 
 def read_ml100k() -> InteractionLog:
@@ -445,17 +467,18 @@ def infer_table_format(path: Path) -> str:
 
 
 def read_table_file(path: os.PathLike | str, file_format: Optional[str] = None, what: str = "table") -> pd.DataFrame:
-    """Read a CSV, TSV, Parquet or JSON-lines file into a frame (types as stored)."""
+    """Read a CSV, TSV, Parquet or JSON-lines file into a frame: CSV and TSV cells as the text written (ids
+    keep their leading zeros), Parquet and JSON lines with their stored types (``dtype=False``: "007" stays text)."""
     path = _require_file(path, what)
     fmt = file_format or infer_table_format(path)
     if fmt == "csv":
-        return pd.read_csv(path)
+        return _read_text_table(path, "CSV")
     if fmt == "tsv":
-        return pd.read_csv(path, sep="\t")
+        return _read_text_table(path, "TSV", sep="\t")
     if fmt == "parquet":
-        return pd.read_parquet(path)
+        return _read_file(pd.read_parquet, path, "Parquet")
     if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
+        return _read_file(pd.read_json, path, "JSON lines", lines=True, dtype=False)
     raise DataFormatError(f"{path}: unknown file_format {fmt!r}; expected one of {TABLE_FORMATS}.")
 
 
@@ -532,7 +555,7 @@ def read_interaction_table(
         )
     else:
         items = _items_from_columns(frame, columns.item, columns.title, columns.genres, columns.description, path, genres_separator)
-    return InteractionLog(interactions=interactions, items=items, source=f"table:{path.name}")
+    return InteractionLog(interactions, items, f"table:{path.name}", str(path), columns.rating or columns.label)
 
 
 # --------------------------------------------------------------------------------------------
