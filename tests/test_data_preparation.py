@@ -84,7 +84,8 @@ def test_history_modes_and_truncation():
 
 
 def test_not_cold_uses_train_counts():
-    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 5), ("b", "1", 3, 5), ("c", "1", 4, 5), ("a", "3", 5, 5), ("a", "1", 6, 5)])
+    # One low rating: a rating column must hold positives and negatives (not_cold does not depend on it).
+    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 5), ("b", "1", 3, 5), ("c", "1", 4, 1), ("a", "3", 5, 5), ("a", "1", 6, 5)])
     records = prepare_records(log, RecordOptions(split_timestamps=[3, 4], duplicates="drop"))
     flags = {(r["UserID"], r["TargetItemID"]): r["not_cold"] for s in records.splits.values() for r in rows_of(s)}
     # train = rows at t=1,2 (user a; items 1,2). b and c are cold users, item 3 is a cold item.
@@ -124,7 +125,7 @@ def test_popularity_negatives_count_train_rows_only():
 
 
 def test_the_item_noun_is_a_preparation_setting_stored_in_the_metadata(tmp_path):
-    log = make_log([("a", "1", 1, 5), ("b", "2", 2, 5), ("c", "1", 3, 5)])
+    log = make_log([("a", "1", 1, 5), ("b", "2", 2, 1), ("c", "1", 3, 5)])
     default = prepare_records(log, RecordOptions(split_timestamps=[2, 3]))
     assert (default.metadata["item_noun"], default.metadata["item_noun_plural"]) == ("movie", "movies")
     games = prepare_records(log, RecordOptions(split_timestamps=[2, 3], item_noun="game", item_noun_plural="games"))
@@ -195,7 +196,7 @@ def test_popularity_negatives_follow_item_counts():
 
 
 def test_candidate_pools_hold_the_positive_first_and_distinct_unseen_negatives():
-    rows = [(f"u{u}", f"i{(u * 7 + t) % 50}", t, 5) for u in range(30) for t in range(6)]
+    rows = [(f"u{u}", f"i{(u * 7 + t) % 50}", t, 5 if (u + t) % 3 else 1) for u in range(30) for t in range(6)]
     records = prepare_records(make_log(rows), RecordOptions(num_candidates=20, split_ratios=[0.5, 0.2, 0.3]))
     pools = records.candidates.to_pandas()
     assert len(pools) == (records.splits["test"].to_pandas()["label"] == 1).sum()
@@ -209,7 +210,7 @@ def test_candidate_pools_hold_the_positive_first_and_distinct_unseen_negatives()
 
 
 def test_duplicates_are_an_error_or_dropped_and_counted():
-    log = make_log([("a", "1", 1, 5), ("a", "1", 1, 4), ("b", "2", 2, 5), ("c", "1", 3, 5)])
+    log = make_log([("a", "1", 1, 5), ("a", "1", 1, 4), ("b", "2", 2, 1), ("c", "1", 3, 5)])
     with pytest.raises(DataFormatError, match=r"1 duplicate.*user='a' item='1' timestamp=1"):
         prepare_records(log, RecordOptions(split_timestamps=[2, 3]))
     records = prepare_records(log, RecordOptions(split_timestamps=[2, 3], duplicates="drop"))
@@ -217,7 +218,7 @@ def test_duplicates_are_an_error_or_dropped_and_counted():
 
 
 def test_items_without_titles():
-    log = make_log([("a", "1", 1, 5), ("b", "2", 2, 5), ("c", "1", 3, 5), ("c", "2", 4, 5)], titles={"1": "One", "2": ""})
+    log = make_log([("a", "1", 1, 5), ("b", "2", 2, 5), ("c", "1", 3, 1), ("c", "2", 4, 5)], titles={"1": "One", "2": ""})
     with pytest.raises(DataFormatError, match=r"1 item\(s\) have no title.*\['2'\]"):
         prepare_records(log, RecordOptions(split_timestamps=[2, 3]))
     named = prepare_records(log, RecordOptions(split_timestamps=[2, 3], missing_titles="use_id"))
@@ -227,13 +228,13 @@ def test_items_without_titles():
 
 
 def test_empty_split_after_filtering_is_an_error():
-    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 5)])
+    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 1)])
     with pytest.raises(DataFormatError, match="test split is empty"):
         prepare_records(log, RecordOptions(split_timestamps=[2, 100]))
 
 
 def test_min_count_filter_reports_removals():
-    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 5), ("a", "3", 3, 5), ("b", "1", 4, 5), ("c", "1", 5, 5), ("c", "2", 6, 5)])
+    log = make_log([("a", "1", 1, 5), ("a", "2", 2, 1), ("a", "3", 3, 5), ("b", "1", 4, 5), ("c", "1", 5, 5), ("c", "2", 6, 1)])
     records = prepare_records(log, RecordOptions(min_user_interactions=2, split_timestamps=[3, 6]))
     assert records.metadata["report"]["min_count_filter"] == {"rows_removed": 1, "users_removed": 1, "items_removed": 0}
 

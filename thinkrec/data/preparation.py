@@ -99,19 +99,24 @@ class RecordOptions:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or not np.isclose(sum(self.split_ratios), 1.0):
-            raise ValueError(f"split_ratios must be three non-negative shares summing to 1, got {self.split_ratios}.")
+                raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        ratios = self.split_ratios
+        if len(ratios) != 3:
+            raise InputError(f"split_ratios must be three shares (train, validation, test), found {len(ratios)}: {ratios}.")
+        if any(r < 0 for r in ratios):
+            raise InputError(f"split_ratios must be shares >= 0, found {ratios}.")
+        if not np.isclose(sum(ratios), 1.0):
+            raise InputError(f"split_ratios must sum to 1, found {ratios} (sum {sum(ratios):g}).")
         if self.split_timestamps is not None and (
             len(self.split_timestamps) != 2 or self.split_timestamps[0] > self.split_timestamps[1]
         ):
-            raise ValueError(f"split_timestamps must be [t1, t2] with t1 <= t2, got {self.split_timestamps}.")
+            raise InputError(f"split_timestamps must be [t1, t2] with t1 <= t2, got {self.split_timestamps}.")
         if self.max_history < 0:
-            raise ValueError(f"max_history must be >= 0, got {self.max_history}.")
+            raise InputError(f"max_history must be >= 0, got {self.max_history}.")
         if self.negatives_per_positive < 1:
-            raise ValueError(f"negatives_per_positive must be >= 1, got {self.negatives_per_positive}.")
+            raise InputError(f"negatives_per_positive must be >= 1, got {self.negatives_per_positive}.")
         if self.num_candidates < 0 or self.min_count < 0:
-            raise ValueError("num_candidates and min_count must be >= 0.")
+            raise InputError(f"num_candidates and min_count must be >= 0, got {self.num_candidates} and {self.min_count}.")
         if (self.item_noun is None) != (self.item_noun_plural is None):
             raise InputError(
                 f"set item_noun and item_noun_plural together (e.g. 'game' and 'games'), found {self.item_noun!r} "
@@ -292,6 +297,31 @@ def _attach_titles(interactions: pd.DataFrame, items: pd.DataFrame, policy: str,
     return interactions, table.reset_index(drop=True)
 
 
+def _check_both_classes(log: InteractionLog, interactions: pd.DataFrame, labels: np.ndarray, threshold: float) -> None:
+    """Refuse a rating or label column that puts every row on one side: records need positives and negatives."""
+    if len(np.unique(labels)) != 1:
+        return
+    where, column = log.path or log.source, log.feedback_column or log.feedback
+    side = "positive" if labels[0] == 1 else "negative"
+    if log.feedback == "label":
+        raise InputError(
+            f"{where}: column {column!r} holds only the label {int(labels[0])} (all rows {side}); records need positives "
+            "and negatives. A log of positives only is implicit: read it without its label column and negatives are sampled."
+        )
+    ratings = interactions["rating"]
+    low, high = ratings.min(), ratings.max()
+    if low == high:
+        values, hint = f"all {low:g}", "a log with one rating value is implicit: read it without its rating column and negatives are sampled"
+    elif ratings.isin([0.0, 1.0]).all():
+        values, hint = f"{low:g}..{high:g}", "for 0/1 labels use label_column"
+    else:
+        values, hint = f"{low:g}..{high:g}", f"set rating_threshold to at least {low:g} and below {high:g}"
+    raise InputError(
+        f"{where}: column {column!r} cannot split positives from negatives at rating_threshold {threshold}: its values "
+        f"are {values} (all rows {side}); {hint}."
+    )
+
+
 def _filter_counts(interactions: pd.DataFrame, options: RecordOptions, report: dict) -> pd.DataFrame:
     """Iteratively drop users/items below the minimum counts (k-core), reporting what went."""
     if options.min_user_interactions <= 1 and options.min_item_interactions <= 1:
@@ -374,6 +404,8 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
         labels = interactions["label"].to_numpy().astype(np.int64)
     else:
         labels = np.ones(len(interactions), dtype=np.int64)
+    if feedback != "implicit":
+        _check_both_classes(log, interactions, labels, options.rating_threshold)
 
     user_ids, user_vocab = dense_ids(interactions["user"])
     item_ids, item_vocab = dense_ids(interactions["item"])
