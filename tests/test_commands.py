@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 import pytest
 
@@ -65,6 +67,110 @@ def test_unknown_keys_and_flags_are_errors(tmp_path):
         parse_args((First, Second), [str(tmp_path / "bad.json")])
     with pytest.raises(InputError, match="no such arguments file"):
         parse_args((First, Second), [str(tmp_path / "missing.json")])
+
+
+class Colour(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class Typed:
+    count: Optional[int] = None
+    ratio: float = 0.5
+    colour: Union[Colour, str] = "red"
+    layers: Optional[list[int]] = None
+    options: Union[dict, str, None] = None
+    choice: Literal["a", "b"] = "a"
+    space: Union[str, None, Literal[False]] = None
+    anything: Any = None
+
+
+GOOD_VALUES = [
+    ("int-for-a-float", {"ratio": 1}), ("null-for-optional", {"count": None, "layers": None}), ("enum-value", {"colour": "blue"}),
+    ("list-of-ints", {"layers": [-1, 2]}), ("dict-or-str", {"options": {"a": 1}}), ("str-or-dict", {"options": "{}"}),
+    ("literal", {"choice": "b"}), ("literal-false", {"space": False}), ("any", {"anything": [1, "x"]}),
+]
+
+
+@pytest.mark.parametrize("with_flags", [False, True], ids=["file-alone", "file-then-flags"])
+@pytest.mark.parametrize("values", [values for _, values in GOOD_VALUES], ids=[name for name, _ in GOOD_VALUES])
+def test_values_of_the_declared_type_pass_unchanged(values, with_flags, tmp_path):
+    flags = ["--rows", "2"] if with_flags else []
+    first, typed = parse_args((First, Typed), [write(tmp_path, {"records_dir": "d", **values}), *flags])
+    assert {name: getattr(typed, name) for name in values} == values
+
+
+BAD_VALUES = [
+    ("string-for-an-int", {"rows": "16"}, 'rows must be an integer, found the string "16" (JSON has real numbers and booleans: write 16 without'),
+    ("string-for-a-bool", {"shuffle": "false"}, 'shuffle must be true or false, found the string "false" (JSON has real numbers and booleans: write false'),
+    ("word-for-a-float", {"learning_rate": "fast"}, 'learning_rate must be a number, found the string "fast".'),
+    ("bool-for-an-int", {"rows": True}, "rows must be an integer, found true."),
+    ("float-for-an-int", {"rows": 16.7}, "rows must be an integer, found the number 16.7."),
+    ("null-for-a-required-str", {"records_dir": None}, "records_dir must be a string, found null."),
+    ("list-for-an-optional-int", {"count": [160]}, "count must be an integer or null, found the list [160]."),
+    ("strings-in-a-list-of-ints", {"layers": ["1"]}, 'layers must be a list of integers or null, found the list ["1"].'),
+    ("string-for-a-list", {"names": "a b"}, 'names must be a list of strings, found the string "a b".'),
+    ("unknown-enum-value", {"colour": "green"}, 'colour must be one of ["red", "blue"], found the string "green".'),
+    ("unknown-literal", {"choice": "c"}, 'choice must be one of ["a", "b"], found the string "c".'),
+    ("list-for-dict-or-str", {"options": [1]}, "options must be an object, a string or null, found the list [1]."),
+]
+
+
+@pytest.mark.parametrize("with_flags", [False, True], ids=["file-alone", "file-then-flags"])
+@pytest.mark.parametrize("values, message", [case[1:] for case in BAD_VALUES], ids=[case[0] for case in BAD_VALUES])
+def test_a_value_not_of_the_declared_type_is_an_error(values, message, with_flags, tmp_path):
+    """parse_dict converts nothing (a "false" trained) and argparse converted only string defaults: the file
+    alone and the file before flags must both refuse a value that is not of the field's type."""
+    flags = ["--learning_rate", "0.5"] if with_flags else []
+    path = write(tmp_path, {"records_dir": "d", **values})
+    with pytest.raises(InputError) as raised:
+        parse_args((First, Second, Typed), [path, *flags])
+    assert str(raised.value).startswith(f"{path}: {message}"), str(raised.value)
+
+
+@dataclass
+class Switches:
+    keep: bool = True
+    mode: Union[str, bool] = "no"
+    tags: Union[str, list[Colour]] = ""
+    rows: int = 1
+
+
+def test_file_values_reach_the_arguments_unchanged_when_flags_follow(tmp_path):
+    """argparse takes a True-default bool's default from its first flag, not its `--no_` twin, so the file's
+    `false` was lost; and it runs string defaults through the flag's type (string_to_bool, Colour)."""
+    path = write(tmp_path, {"keep": False, "mode": "all", "tags": ""})
+    assert parse_args((Switches,), [path]) == (Switches(False, "all", "", 1),)
+    assert parse_args((Switches,), [path, "--rows", "2"]) == (Switches(False, "all", "", 2),)
+    assert parse_args((Switches,), [path, "--keep", "--tags", "red", "blue"]) == (Switches(True, "all", [Colour.RED, Colour.BLUE], 1),)
+
+
+def _defaults(dataclass_type) -> dict:
+    """Every init field's default, as a JSON file would spell it (enum members as their values)."""
+    values = {}
+    for item in fields(dataclass_type):
+        if not item.init or (item.default is MISSING and item.default_factory is MISSING):
+            continue
+        value = item.default if item.default is not MISSING else item.default_factory()
+        values[item.name] = value.value if isinstance(value, Enum) else value
+    return values
+
+
+@pytest.mark.parametrize("with_flags", [False, True], ids=["file-alone", "file-then-flags"])
+def test_a_file_of_the_training_arguments_defaults_passes(with_flags, tmp_path):
+    """No false errors on TrainingArguments' own fields (ThinkRec's subclass included)."""
+    from transformers import TrainingArguments
+
+    import run_thinkrec
+
+    flags = ["--seed", "7"] if with_flags else []
+    (plain,) = parse_args((TrainingArguments,), [write(tmp_path, _defaults(TrainingArguments)), *flags])
+    assert plain.seed == (7 if with_flags else 42)
+    values = {**_defaults(run_thinkrec.ModelArguments), **_defaults(run_thinkrec.DataArguments),
+              **_defaults(run_thinkrec.ThinkRecTrainingArguments), "records_dir": "d"}
+    model_args, data_args, training_args = run_thinkrec.parse_args([write(tmp_path, values), *flags])
+    assert (data_args.records_dir, training_args.metric_for_best_model) == ("d", "auc")
 
 
 def test_run_command_prints_input_errors_as_one_message(capsys):
