@@ -11,7 +11,9 @@ The keywords are written into the folder's item table (a `keywords` column; meta
 were made). Templates show them with <TargetItemKeywords>, or every title with its keywords through
 run_thinkrec.py's `title_keywords`; the synthesised reasons and the teacher prompts use them too.
 Teacher answers are cached (JSON lines beside the records), so an interrupted run resumes. Items without
-any metadata text and teacher answers without a keyword are counted and reported, never filled in.
+any metadata text and teacher answers without a keyword are counted and reported, never filled in. A
+teacher that cannot be reached, or a run in which no item got a keyword, stops with an error and leaves
+the item table as it was.
 Last line: one JSON object with the counts.
 """
 
@@ -83,6 +85,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         teacher = build_teacher(args.method, replace(teacher_args, cache_path=None), nouns)
         model_name = teacher_args.remote_model if args.method == "remote" else (teacher_args.teacher_model or SMOLLM2_HUB_ID)
         keywords, counters = teacher_keywords(teacher, records.items, cache, model_name, nouns["item_noun"], args.max_keywords)
+    if not counters.with_keywords:
+        # An empty keyword column would replace the item table (and any keywords it had) with nothing.
+        failures = "; ".join(f"{count} x {error}" for error, count in counters.failures.items())
+        raise InputError(f"{args.records_dir}: no item got a keyword ({counters.items} items: {counters.without_metadata} without "
+                         f"metadata text, {counters.failed} teacher answers without a keyword{f': {failures}' if failures else ''}); "
+                         f"the item table was left as it was.")
     info = {"method": args.method, "model": model_name, "max_keywords": args.max_keywords, **counters.as_dict()}
     path = save_item_keywords(args.records_dir, keywords, info)
     counts = [len(words) for words in keywords.values()]

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -166,6 +167,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for index, result in zip(missing, fallback.explain([rows[i] for i in missing])):
                 results[index] = result
     kept = [index for index, result in enumerate(results) if result.status == "kept"]
+    if not kept:
+        # An empty reason split would replace an earlier one and teach nothing.
+        if not rows:
+            raise InputError(f"the model mispredicted none of the {len(train)} train rows scored, so there is nothing to "
+                             f"explain; {output_path} was not written.")
+        errors = Counter(result.error for result in results if result.status != "kept").most_common(2)
+        raise InputError(f"{source_args.source} source: none of the {len(rows)} rows asked got a usable reason "
+                         f"({'; '.join(f'{count} x {error}' for error, count in errors)}); {output_path} was not written.")
 
     # Record columns only: keywords are attached again from the item table by whoever reads the split.
     reason_rows = to_explain.iloc[kept].drop(columns=["TargetItemKeywords", "HisItemKeywords"], errors="ignore")

@@ -255,15 +255,28 @@ def test_remote_teacher_retries_429_500_timeouts_and_bad_answers():
     }
 
 
-def test_remote_teacher_reports_a_server_that_is_down():
+def test_remote_teacher_reports_a_server_that_is_down(tmp_path):
+    """A server no request reaches is an outage (an error naming it), not rows that failed one by one;
+    it used to come back as failed rows, which the commands wrote out as empty results."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again on exit: nothing listens there
-    source = teacher(f"http://127.0.0.1:{port}/v1", max_retries=1)
-    results = source.explain([titled("A"), titled("B", user=2)])
-    assert [r.status for r in results] == [FAILED, FAILED]
-    assert "after 2 attempts" in results[0].error
-    assert source.counters.failed == 2 and source.counters.retries == 2
+    cache = tmp_path / "cache.jsonl"
+    source = teacher(f"http://127.0.0.1:{port}/v1", max_retries=1, concurrency=2, cache_path=cache)
+    with pytest.raises(InputError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions is unreachable: none of 2 requests.*refused"):
+        source.explain([titled("A"), titled("B", user=2)])
+    assert source.counters.failed == 0 and source.counters.retries == 2 and not cache.exists()
+    # complete() (keywords) stops the same way, after the first `concurrency` requests: the rest are not sent.
+    with pytest.raises(InputError, match=r"none of \d requests got an answer \(the other \d were not sent\)"):
+        source.complete([[{"role": "user", "content": f"item {i}"}] for i in range(8)])
+
+
+def test_one_reachable_answer_makes_failures_rows_not_an_outage():
+    scripts = {"Always 503": [("status", 503)], "Fine": [("ok", "Yes. It fits.")], "Unknown": [("status", 404)]}
+    with ScriptedServer(scripts) as server:
+        results = teacher(server.url, max_retries=0).explain([titled("Always 503"), titled("Fine"), titled("Unknown")])
+    assert [r.status for r in results] == [FAILED, KEPT, FAILED]
+    assert "HTTP 503" in results[0].error and "does not know model 'scripted-model'" in results[2].error
 
 
 def test_remote_teacher_bounds_concurrency():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _run_fixtures import write_records
+from _scripted_server import ScriptedServer
 from transformers import AutoTokenizer
 
 import reflect
@@ -152,17 +153,38 @@ def test_reflect_default_output_sits_next_to_the_records(assets, tmp_path):
     assert len(load_prepared(assets / "records").splits["train"]) > 0
 
 
-def test_reflect_with_a_teacher_that_is_down_reports_and_falls_back(assets, tmp_path):
+def test_reflect_with_a_teacher_that_is_down_stops_and_keeps_the_earlier_split(assets, tmp_path):
+    """A teacher nobody can reach is an error naming it, even with the synthesiser as fallback (which is
+    for rows the teacher failed, not for a teacher that is not there); it used to exit 0 with an empty
+    reason split over the earlier one."""
+    from thinkrec.utils.errors import InputError
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    earlier = tmp_path / "reasons.parquet"
     common = dict(model_dir=str(assets / "model"), records_dir=str(assets / "records"), max_train_samples=16,
-                  max_eval_samples=12, max_reasons=4, source="remote", base_url=f"http://127.0.0.1:{port}/v1",
-                  remote_model="teacher", max_retries=0, request_timeout=2.0)
-    down = run_reflect(tmp_path, output_path=str(tmp_path / "down.parquet"), **common)
-    assert down["failed"] == down["asked"] > 0 and down["explained"] == 0
-    assert len(pd.read_parquet(tmp_path / "down.parquet")) == 0  # a whole (empty) file, not half of one
-    fallback = run_reflect(tmp_path, output_path=str(tmp_path / "fallback.parquet"), fallback_to_synthesised=True, **common)
+                  max_eval_samples=12, max_reasons=4, output_path=str(earlier))
+    run_reflect(tmp_path, **common)
+    written = earlier.read_bytes()
+    down = dict(common, source="remote", base_url=f"http://127.0.0.1:{port}/v1", remote_model="teacher", max_retries=0,
+                request_timeout=2.0, overwrite=True)
+    for fallback in (False, True):
+        with pytest.raises(InputError, match=f"127.0.0.1:{port}.* is unreachable"):
+            run_reflect(tmp_path, fallback_to_synthesised=fallback, **down)
+        assert earlier.read_bytes() == written
+
+
+def test_reflect_falls_back_to_the_synthesiser_for_rows_the_teacher_failed(assets, tmp_path):
+    common = dict(model_dir=str(assets / "model"), records_dir=str(assets / "records"), max_train_samples=16,
+                  max_eval_samples=12, max_reasons=4, source="remote", remote_model="teacher", max_retries=0)
+    with ScriptedServer({"Film": [("ok", "The user might like it.")]}) as server:  # never a verdict
+        with pytest.raises(ValueError, match="none of the .* rows asked got a usable reason"):
+            run_reflect(tmp_path, output_path=str(tmp_path / "none.parquet"), base_url=server.url, **common)
+        fallback = run_reflect(tmp_path, output_path=str(tmp_path / "fallback.parquet"), base_url=server.url,
+                               fallback_to_synthesised=True, **common)
+    assert not (tmp_path / "none.parquet").exists()
+    assert fallback["failed"] == fallback["asked"] > 0
     assert fallback["explained"] == fallback["asked"] and fallback["fallback_counters"]["asked"] == fallback["asked"]
 
 

@@ -36,6 +36,7 @@ from thinkrec.data.items import split_genres, strip_year
 from thinkrec.data.keywords import KEYWORDS_COLUMN, item_keywords
 from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns, item_nouns_from_metadata
 from thinkrec.evaluation.reporting import LEADING_VERDICT, verdict_of
+from thinkrec.utils.errors import InputError
 
 
 logger = logging.getLogger("thinkrec.reasons.sources")
@@ -676,12 +677,40 @@ class ReasonCache:
             self.entries[key] = text
 
 
+class _Reachability:
+    """Whether any request of one batch reached the server (got an HTTP answer other than a 5xx or a
+    404). Once `threshold` requests have failed without one of the batch reaching it, the batch stops:
+    the rest would only wait through their own retries."""
+
+    def __init__(self, threshold: int):
+        self.threshold = max(threshold, 1)
+        self.reached = False
+        self.unreachable = 0
+        self.last_error: Optional[str] = None
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def reach(self) -> None:
+        with self._lock:
+            self.reached = True
+
+    def failed_to_reach(self, error: str) -> None:
+        with self._lock:
+            self.unreachable += 1
+            self.last_error = error
+            if not self.reached and self.unreachable >= self.threshold:
+                self.stopped.set()
+
+
 class RemoteTeacher(ReasonSource):
     """A teacher behind an OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp's server,
     hosted APIs), asked from a bounded thread pool. Timeouts, connection errors, 429 and 5xx are
     retried with exponential backoff; malformed, empty or verdict-less answers are retried up to
-    `max_retries` too; then the row is reported as failed. The API key is read from the environment
-    variable named by `api_key_env` at request time and is never stored, logged or cached.
+    `max_retries` too; then the row is reported as failed. A server that no request of a batch reaches
+    (connections refused, timeouts, a 5xx on every try, a 404 for a model it does not know) is an
+    outage, not failed rows: `explain` and `complete` raise an `InputError` naming the URL and the last
+    error, and nothing is cached. The API key is read from the environment variable named by
+    `api_key_env` at request time and is never stored, logged, cached or put in a message.
 
     Args:
         base_url: e.g. "http://127.0.0.1:8080/v1" (the "/chat/completions" path is appended).
@@ -768,46 +797,76 @@ class RemoteTeacher(ReasonSource):
         """Why a reason answer is unusable (then it is asked again), or None."""
         return "answer does not start with Yes or No" if verdict_of(text) is None else None
 
-    def _ask(self, row: dict) -> tuple[Optional[str], Optional[str]]:
-        """The answer for one row with retries, or (None, last error)."""
-        return self.ask(self._messages(row), self._answer_problem, f"user {row['UserID']} item {row['TargetItemID']}")
-
-    def ask(self, messages: list[dict], problem: Callable[[str], Optional[str]], what: str = "request") -> tuple[Optional[str], Optional[str]]:
+    def ask(self, messages: list[dict], problem: Callable[[str], Optional[str]], what: str = "request",
+            reachability: Optional[_Reachability] = None) -> tuple[Optional[str], Optional[str]]:
         """One chat answer with retries (transport errors, 429/5xx, empty answers and answers for which
-        `problem` names a fault), or (None, last error)."""
-        last_error = None
+        `problem` names a fault), or (None, last error). `reachability` (the batch's) hears whether the
+        server answered at all, and stops the asking once the server is known to be unreachable."""
+        last_error, reached = None, False
         for attempt in range(self.max_retries + 1):
+            if reachability is not None and reachability.stopped.is_set():
+                return None, f"not asked: {self.url} is unreachable"
             if attempt:
                 self.counters.add(retries=1)
-            http_error = None
+            http_error, text = None, None
             try:
                 text = self._request(messages)
-                if not text.strip():
-                    last_error = "empty answer"
-                elif (fault := problem(text)) is not None:
-                    last_error = fault
-                else:
-                    return text, None
+                reached, last_error = True, "empty answer" if not text.strip() else problem(text)
             except urllib.error.HTTPError as error:
                 http_error, last_error = error, f"HTTP {error.code}"
+                # A 5xx: the server cannot serve; a 404: it does not know the model (or the path).
+                reached = reached or (error.code < 500 and error.code != 404)
+                if error.code == 404:
+                    last_error = f"HTTP 404: the server does not know model {self.model!r} (or the path)"
+                elif error.code not in self.RETRY_STATUS:
+                    last_error = f"{last_error} (not retried): {error.reason}"
                 if error.code not in self.RETRY_STATUS:
-                    return None, self._scrub(f"{last_error} (not retried): {error.reason}")
+                    return self._failed(last_error, reached, reachability)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                 # Refused/reset connections, timeouts, DNS errors, bodies cut short (IncompleteRead).
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-            except ValueError as error:
-                last_error = str(error)
+            except ValueError as error:  # a malformed body: the server did answer
+                reached, last_error = True, str(error)
+            if reached and reachability is not None:
+                reachability.reach()
+            if text is not None and last_error is None:
+                return text, None
             last_error = self._scrub(last_error)
             if attempt < self.max_retries:
                 logger.debug("%s: %s; retry %d", what, last_error, attempt + 1)
                 time.sleep(self._delay(attempt, http_error))
-        return None, f"{last_error} after {self.max_retries + 1} attempts"
+        attempts = self.max_retries + 1
+        return self._failed(f"{last_error} after {attempts} attempt{'s' if attempts > 1 else ''}", reached, reachability)
+
+    def _failed(self, error: str, reached: bool, reachability: Optional[_Reachability]) -> tuple[None, str]:
+        """(None, error) for a request that got no usable answer; `reachability` hears of one that never
+        reached the server."""
+        error = self._scrub(error)
+        if not reached and reachability is not None:
+            reachability.failed_to_reach(error)
+        return None, error
+
+    def _each(self, work: Callable, jobs: list) -> list:
+        """`work(job, reachability)` for every job, `concurrency` at a time; an `InputError` naming the
+        URL when no request reached the server."""
+        reachability = _Reachability(min(self.concurrency, len(jobs)))
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            # list() surfaces a programming error from a worker instead of leaving a None result.
+            out = list(pool.map(lambda job: work(job, reachability), jobs))
+        if jobs and not reachability.reached:
+            failed = reachability.unreachable
+            skipped = f" (the other {len(jobs) - failed} were not sent)" if failed < len(jobs) else ""
+            raise InputError(self._scrub(
+                f"remote teacher {self.url} is unreachable: none of {failed} requests got an answer{skipped}; "
+                f"last error: {reachability.last_error}. Nothing was written or cached: start the server, or check "
+                f"base_url and remote_model={self.model!r}."))
+        return out
 
     def complete(self, conversations: list[list[dict]], problem: Callable[[str], Optional[str]] = lambda text: None
                  ) -> list[tuple[Optional[str], Optional[str]]]:
-        """(answer, error) for each chat, asked `concurrency` at a time with retries."""
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda messages: self.ask(messages, problem), conversations))
+        """(answer, error) for each chat, asked `concurrency` at a time with retries; an `InputError` when
+        the server is unreachable."""
+        return self._each(lambda messages, reachability: self.ask(messages, problem, reachability=reachability), conversations)
 
     def explain(self, rows: list[dict]) -> list[ReasonResult]:
         self._check_rows(rows)
@@ -822,16 +881,17 @@ class RemoteTeacher(ReasonSource):
             else:
                 to_ask.append(index)
 
-        def work(index: int) -> None:
+        def work(index: int, reachability: _Reachability) -> tuple[Optional[str], Optional[str]]:
             row = rows[index]
-            text, error = self._ask(row)
+            text, error = self.ask(self._messages(row), self._answer_problem,
+                                   f"user {row['UserID']} item {row['TargetItemID']}", reachability)
             if text is not None and self.cache is not None:
                 self.cache.put(int(row["UserID"]), int(row["TargetItemID"]), text)
-            results[index] = self.finish(row, text, error)
+            return text, error
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            # list() surfaces a programming error from a worker instead of leaving a None result.
-            list(pool.map(work, to_ask))
+        # Counted only once the server is known to be reachable (an outage raises first).
+        for index, (text, error) in zip(to_ask, self._each(work, to_ask)):
+            results[index] = self.finish(rows[index], text, error)
         failures = Counter(r.error for r in results if r.status == FAILED)
         for error, count in failures.most_common(5):
             logger.warning("%s: %d rows failed: %s", self.url, count, error)
