@@ -24,6 +24,7 @@ from thinkrec.data.records import OUTPUT_FORMATS, export_embeddings, push_prepar
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import InputError
+from thinkrec.utils.files import check_not_inside, output_lock
 
 
 logger = logging.getLogger("prepare_data")
@@ -141,15 +142,25 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[SourceArguments, Recor
     return parse_command_args((SourceArguments, RecordOptions, OutputArguments), argv)
 
 
+def input_paths(source: SourceArguments, output: OutputArguments) -> list[str]:
+    """Every file or folder the run reads (the RecBole item file defaults to the one beside the .inter file)."""
+    paths = [source.data_path, source.item_path, output.embeddings_from]
+    if source.source == "recbole" and source.data_path and source.item_path is None:
+        paths.append(str(Path(source.data_path).with_suffix(".item")))
+    return [path for path in paths if path]
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
     source, options, output = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_not_inside(output.output_dir, input_paths(source, output))
     start = time.perf_counter()
-    logger.info("reading %s", source.data_path or source.source)
-    records = build_records(source, options)
-    if output.embeddings_from:
-        export_embeddings(records, output.embeddings_from)
-    directory = save_prepared(records, output.output_dir, output.output_format)
+    with output_lock(output.output_dir, f"prepare_data.py --output_dir {output.output_dir}"):
+        logger.info("reading %s", source.data_path or source.source)
+        records = build_records(source, options)
+        if output.embeddings_from:
+            export_embeddings(records, output.embeddings_from)
+        directory = save_prepared(records, output.output_dir, output.output_format)
     meta = records.metadata
     logger.info(
         "wrote %s: %s rows (train/validation/test), %d users, %d items in %.1fs",

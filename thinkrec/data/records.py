@@ -26,7 +26,7 @@ from huggingface_hub import HfApi
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.preparation import SPLITS, PreparedRecords
 from thinkrec.utils.errors import InputError, MissingInputError
-from thinkrec.utils.files import atomic_write, atomic_write_named_by_content, write_json
+from thinkrec.utils.files import Manifest, atomic_write, atomic_write_named_by_content, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -199,11 +199,41 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
     return {"dim": dim}
 
 
+def _owned_files(output_dir: Path) -> Manifest:
+    """The manifest of `output_dir`; a folder prepared before manifests existed owns the files its
+    `metadata.json` names (and only those)."""
+    manifest = Manifest(output_dir)
+    metadata_path = output_dir / "metadata.json"
+    if not manifest.path.is_file() and metadata_path.is_file():
+        try:
+            named = json.loads(metadata_path.read_text(encoding="utf-8")).get("files", {})
+        except json.JSONDecodeError:
+            named = {}
+        manifest.files.update(value for value in named.values() if isinstance(value, str))
+    return manifest
+
+
+def publish_prepared(records: PreparedRecords, output_dir: Path, files: dict[str, str], manifest: Manifest) -> None:
+    """Point ``metadata.json`` and the dataset card at `files` (already written and in `manifest`), then
+    remove the tables an earlier run of the project wrote there. Files the project did not write stay."""
+    metadata = dict(records.metadata, files=files)
+    records.metadata = metadata
+    write_json(metadata, output_dir / "metadata.json", sort_keys=True)
+    card = dataset_card(records, files, record_features(metadata.get("embeddings")))
+    atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    manifest.add("metadata.json", "README.md")
+    is_table = lambda name: Path(name).suffix in OUTPUT_FORMATS.values()  # noqa: E731
+    removed = manifest.remove_except(files.values(), only=is_table)
+    if removed:
+        logger.info("%s: removed %d tables of an earlier preparation: %s", output_dir, len(removed), removed)
+
+
 def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, output_format: str = "parquet") -> Path:
     """Write splits, side tables, metadata and the dataset card into ``output_dir``.
 
-    Order: data files (new names), ``metadata.json``, ``README.md``, then files of an earlier
-    preparation are removed. At every moment the card points to complete files.
+    Order: data files (new names, each recorded in the folder's manifest as it lands), ``metadata.json``,
+    ``README.md``, then the tables of an earlier preparation are removed. At every moment the card points
+    to complete files, and only files the project wrote are ever removed.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}.")
@@ -211,20 +241,29 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     # Records without item nouns could not be prompted: refuse them before writing anything.
     item_nouns_from_metadata(records.metadata, f"records for {output_dir}")
     features = record_features(records.metadata.get("embeddings"))
-    files = {split: "data/" + write_table(records.splits[split], output_dir / "data", split, features, output_format) for split in SPLITS}
-    for name, frame, table_features in (("items", records.items, item_features(records.items)), ("users", records.users, USER_FEATURES)):
-        files[name] = write_table(pa.Table.from_pandas(frame, preserve_index=False), output_dir, name, table_features, output_format)
-    if records.candidates is not None:
-        files["candidates"] = "candidates/" + write_table(records.candidates, output_dir / "candidates", "test", CANDIDATE_FEATURES, output_format)
-    metadata = dict(records.metadata, output_format=output_format, files=files)
-    write_json(metadata, output_dir / "metadata.json", sort_keys=True)
-    card = dataset_card(records, files, features)
-    atomic_write(output_dir / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
-    current = {output_dir / path for path in files.values()}
-    for pattern in ("data/*", "items-*", "users-*", "candidates/*"):
-        for stale in output_dir.glob(pattern):
-            if stale not in current and stale.suffix in OUTPUT_FORMATS.values():
-                stale.unlink()
+    manifest = _owned_files(output_dir)
+    files: dict[str, str] = {}
+
+    def write(name: str, table: pa.Table, folder: str, stem: str, table_features: datasets.Features) -> None:
+        written = write_table(table, output_dir / folder if folder else output_dir, stem, table_features, output_format)
+        files[name] = f"{folder}/{written}" if folder else written
+        manifest.add(files[name])
+
+    earlier = set(manifest.files)
+    try:
+        for split in SPLITS:
+            write(split, records.splits[split], "data", split, features)
+        for name, frame, table_features in (("items", records.items, item_features(records.items)),
+                                            ("users", records.users, USER_FEATURES)):
+            write(name, pa.Table.from_pandas(frame, preserve_index=False), "", name, table_features)
+        if records.candidates is not None:
+            write("candidates", records.candidates, "candidates", "test", CANDIDATE_FEATURES)
+    except BaseException:
+        # Nothing points at this run's tables yet: take them away again, the earlier preparation stays whole.
+        manifest.remove_except(earlier, only=lambda name: name in files.values())
+        raise
+    records.metadata = dict(records.metadata, output_format=output_format)
+    publish_prepared(records, output_dir, files, manifest)
     return output_dir
 
 
