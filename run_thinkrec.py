@@ -16,6 +16,7 @@ into the recommendation rows row by row at `reasoning_share`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,10 +37,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
+    SchedulerType,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
 from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, input_errors, load_templates, raw_record, tokenize_dataset
@@ -55,13 +56,14 @@ from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_trai
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
 from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
-from thinkrec.training.resume import RunArgumentsCallback, check_resumable, remove_checkpoints, run_arguments
-from thinkrec.training.trainer import ThinkRecTrainer, interleave_reasoning_rows, metrics_for
+from thinkrec.training.resume import RunArgumentsCallback, check_resumable, last_complete_checkpoint, remove_checkpoints, run_arguments
+from thinkrec.training.run_folder import RunFolder, save_metrics
+from thinkrec.training.trainer import REPORTED_METRICS, ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.distributed import map_over_ranks, synced_generation
 from thinkrec.utils.errors import InputError, MissingInputError
-from thinkrec.utils.files import atomic_write, write_json
+from thinkrec.utils.files import LOCK_NAME, MANIFEST_NAME, atomic_write, output_lock, strict_json, write_json
 from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
 
 
@@ -222,7 +224,7 @@ class ThinkRecTrainingArguments(TrainingArguments):
     greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Whether a larger metric_for_best_model is better."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (published: 1e-4)."})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (published: 1e-3)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Warmup then cosine (published)."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Warmup then cosine (published)."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, wandb, none..."})
 
     def __post_init__(self):
@@ -232,6 +234,14 @@ class ThinkRecTrainingArguments(TrainingArguments):
             raise InputError("remove_unused_columns must be False: ThinkRecCollator builds prompts from raw record fields.")
         if not 0 <= self.reasoning_share < 1:
             raise InputError(f"reasoning_share must be in [0, 1), got {self.reasoning_share}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        # A misspelt metric would otherwise fail at the first evaluation, after the model loaded and trained.
+        reported = sorted({*REPORTED_METRICS.values(), "loss"})
+        if self.metric_for_best_model is not None and self.metric_for_best_model.removeprefix("eval_") not in reported:
+            raise InputError(f"metric_for_best_model must be a metric the evaluation reports, one of {reported} "
+                             f"(with or without 'eval_'), got {self.metric_for_best_model!r}.")
         super().__post_init__()
 
 
@@ -325,7 +335,9 @@ def with_collaborative_vectors(model: ThinkRecForCausalLM, tokenizer, cf_checkpo
 
 
 def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArguments, metadata: dict, train_rows=None,
-                records_dir: Optional[str] = None):
+                records_dir: Optional[str] = None, write_dir: Optional[str | Path] = None):
+    """The model of the run's stage and its tokenizer; files it makes (the user clusters) go to `write_dir`
+    (default output_dir)."""
     stage = training_args.stage
     cf = load_cf_checkpoint(model_args.cf_checkpoint) if model_args.cf_checkpoint else None
     if cf is not None and records_dir is not None:
@@ -350,7 +362,13 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
                 raise InputError(f"stage {stage!r} needs collaborative vectors: init_from has none, so set cf_checkpoint.")
             model = with_collaborative_vectors(model, tokenizer, cf)
         elif cf is not None and model.config.cf_model_type != "none":
-            logger.info("init_from already holds %s tables; cf_checkpoint is used for the baseline only", model.config.cf_model_type)
+            # The model keeps the tables its projector was trained on, and scores its CF model with them: the
+            # given checkpoint would be used for nothing, so say so instead of ignoring it.
+            raise InputError(
+                f"cf_checkpoint={model_args.cf_checkpoint} with init_from={model_args.init_from}, which already holds "
+                f"{model.config.cf_model_type} tables (its projector was trained on them, and the 'CF alone' baseline is "
+                "scored with them): drop cf_checkpoint. To use other tables, start from a folder without them (stage 1)."
+            )
     else:
         if needs_cf and cf is None:
             raise InputError(f"stage {stage!r} needs collaborative vectors: set cf_checkpoint (train_collaborative.py output).")
@@ -366,7 +384,7 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
             target_modules=model_args.lora_target_modules,
         )
     if stage == "experts" and not model.has_experts:
-        add_user_cluster_experts(model, model_args, train_rows, training_args.output_dir, training_args.seed)
+        add_user_cluster_experts(model, model_args, train_rows, write_dir or training_args.output_dir, training_args.seed)
     elif model.has_experts and model_args.routing_rule != model.config.routing_rule:
         # Routing is configuration: a model with experts can be evaluated (or trained on) under another rule.
         logger.info("routing rule %s (the checkpoint was saved with %s)", model_args.routing_rule, model.config.routing_rule)
@@ -489,17 +507,14 @@ def generate_reasons(model, processor, rows: list[dict], scores: np.ndarray, thr
     return texts
 
 
-def _json_safe(metrics: dict) -> dict:
-    return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in metrics.items()}
-
-
-def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args) -> dict:
+def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args, out: Optional[Path] = None) -> dict:
     """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons.
 
     Everything that runs the model runs on every rank: scores, the CF model's own scores and routing
     weights come from the forward passes of `trainer.predict` (gathered like the scores), and reason
     generation splits its rows over the ranks. Under FSDP / ZeRO-3 each forward is collective, so a step
-    run by rank 0 alone would wait for the others forever. Rank 0 then writes the files."""
+    run by rank 0 alone would wait for the others forever. Rank 0 then writes the files into `out`
+    (default output_dir)."""
     trainer.prediction_fields = ("scores", "cf_scores", "routing_weights")
     try:
         output = trainer.predict(test, metric_key_prefix="test")
@@ -523,7 +538,7 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
     not_cold = np.asarray(test["not_cold"])
     metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold)
     print(format_metrics(metrics, title=f"test ({len(test):,} rows)"))
-    out = Path(training_args.output_dir)
+    out = Path(out or training_args.output_dir)
     predictions = pd.DataFrame(
         {"UserID": user_ids, "TargetItemID": np.asarray(test["TargetItemID"]), "label": labels,
          "score": 1 / (1 + np.exp(-scores)), "not_cold": not_cold}
@@ -556,8 +571,7 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
             row = test[index]
             print(f"[user {row['UserID']} / {row['TargetItemTitle']!r} / label {row['label']} / "
                   f"P(Yes)={predictions['score'][index]:.3f}] {text[:200]}")
-        with open(out / "generation_settings.json", "w", encoding="utf-8") as handle:
-            json.dump({**model.generation_config.to_dict(), "max_new_tokens": data_args.max_new_tokens}, handle, indent=2)
+        write_json({**model.generation_config.to_dict(), "max_new_tokens": data_args.max_new_tokens}, out / "generation_settings.json")
     if "routing_weights" in outputs:
         weights = np.asarray(outputs["routing_weights"], dtype=np.float64)
         # Which expert served each row: the cluster index, or G for the general expert.
@@ -568,11 +582,10 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
         metrics["rows_per_expert"] = served.tolist()
         logger.info("routing %s: rows per expert (clusters..., general) %s", model.config.routing_rule, served.tolist())
     predictions.to_parquet(out / "test_predictions.parquet", index=False)
-    result = {"test": _json_safe(metrics)}
+    result = {"test": strict_json(metrics)}
     if cf_metrics is not None:
-        result["cf_alone"] = _json_safe(cf_metrics)
-    with open(out / "test_results.json", "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
+        result["cf_alone"] = strict_json(cf_metrics)
+    write_json(result, out / "test_results.json")
     return result
 
 
@@ -588,12 +601,36 @@ def main(argv: Optional[list[str]] = None) -> dict:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity_warning()
     logger.info("stage %s, output %s", training_args.stage, training_args.output_dir)
+    if model_args.init_from and Path(model_args.init_from).resolve() == Path(training_args.output_dir).resolve():
+        raise InputError(f"output_dir={training_args.output_dir} is init_from: a run replaces its output folder's model and "
+                         "results, so write it to another folder.")
+    main_process = PartialState().is_main_process
+    # One run per folder: a second one stops here, naming the first (the lock dies with its process).
+    holding = output_lock(training_args.output_dir, f"run_thinkrec.py stage {training_args.stage}") if main_process else contextlib.nullcontext()
+    with holding:
+        folder = RunFolder(training_args.output_dir)
+        if main_process:
+            folder.begin()
+        try:
+            results = run(model_args, data_args, training_args, folder)
+        except BaseException:
+            if main_process:
+                folder.discard()
+            raise
+    return results
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: ThinkRecTrainingArguments, folder: RunFolder) -> dict:
+    """The run itself: data, model, Trainer, train / evaluate / predict; the final files go to the run folder's
+    staging folder and are moved into output_dir at the end (`RunFolder.publish`)."""
     set_seed(training_args.seed)
     # Trainer would push every checkpoint; we push the final, self-contained folder once, at the end.
     push_requested, training_args.push_to_hub = training_args.push_to_hub, False
+    staging = folder.staging
 
     splits, metadata = load_splits(data_args, training_args.seed)
-    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"], data_args.records_dir)
+    model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"], data_args.records_dir,
+                                                 write_dir=staging)
     template = data_args.template or default_template(training_args.stage, model_args.init_from)
     check_template(template, model, training_args.stage)
     reason_template = data_args.reason_template or default_template(training_args.stage, model_args.init_from, reason=True)
@@ -657,6 +694,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         logger.warning("the launch asked for FSDP, but accelerate runs these ranks as %s (it turns FSDP on for GPU-type "
                        "devices only): every rank holds the whole model", trainer.accelerator.distributed_type)
     results: dict = {}
+    all_metrics: dict = {}  # all_results.json of this run only (Trainer's save_metrics merges into an earlier run's)
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if training_args.overwrite_output_dir and os.path.isdir(training_args.output_dir):
@@ -664,35 +702,37 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 logger.info("overwrite_output_dir: removed %s", remove_checkpoints(training_args.output_dir))
             trainer.accelerator.wait_for_everyone()
         elif checkpoint is None and os.path.isdir(training_args.output_dir):
-            # A run killed mid-training picks up where it stopped, if the checkpoint is from this same run.
-            checkpoint = get_last_checkpoint(training_args.output_dir)
+            # A run killed mid-training picks up where it stopped, if the checkpoint is from this same run; one
+            # whose save was stopped part-way is skipped for the one before it.
+            checkpoint = last_complete_checkpoint(training_args.output_dir, logger)
         if checkpoint:
             check_resumable(checkpoint, defining_arguments)
             logger.info("resuming from %s", checkpoint)
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        trainer.save_model(str(staging))
         train_metrics = dict(train_result.metrics, train_rows=len(train_rows), train_seconds=time.perf_counter() - start)
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
         results["train"] = train_metrics
         if trainer.is_world_process_zero():
-            plot_training_curves(trainer.state.log_history, Path(training_args.output_dir) / "training_curves.png")
+            save_metrics(staging, "train", train_metrics, all_metrics)
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
+            plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
 
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+        if trainer.is_world_process_zero():
+            save_metrics(staging, "eval", eval_metrics, all_metrics)
         results["eval"] = eval_metrics
 
     if training_args.do_predict:
         trainer.compute_metrics = metrics_for(splits["test"])
-        results.update(predict(trainer, model, cf, splits["test"], data_args, training_args))
+        results.update(predict(trainer, model, cf, splits["test"], data_args, training_args, out=staging))
 
     if not training_args.do_train:
         # Collective: under ZeRO-3 / FSDP every rank takes part in gathering the weights it saves.
-        trainer.save_model()
+        trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         base_hub_id, backbone_note = hub_reference(backbone)
         card = model_card(
@@ -711,11 +751,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
             reason_template=reason_template,
             score_type=model.config.score_type,
         )
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        atomic_write(Path(training_args.output_dir, "README.md"), lambda temp: Path(temp).write_text(card, encoding="utf-8"))
-        if push_requested:
-            push_folder(training_args)
+        atomic_write(staging / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+        folder.publish(extra=tuple(run_logs(trainer, training_args.output_dir)))
+    trainer.accelerator.wait_for_everyone()
+    if push_requested and trainer.is_world_process_zero():
+        push_folder(training_args)
     return results
+
+
+def run_logs(trainer, output_dir: str) -> list[str]:
+    """This run's TensorBoard folder when it lies inside output_dir (the folder then owns it like its results)."""
+    found = []
+    for callback in trainer.callback_handler.callbacks:
+        logging_dir = getattr(callback, "logging_dir", None)
+        if logging_dir and Path(logging_dir).resolve().is_relative_to(Path(output_dir).resolve()) and Path(logging_dir).is_dir():
+            found.append(Path(logging_dir).resolve().relative_to(Path(output_dir).resolve()).as_posix())
+    return found
 
 
 def push_folder(training_args: ThinkRecTrainingArguments) -> None:
@@ -730,7 +781,7 @@ def push_folder(training_args: ThinkRecTrainingArguments) -> None:
     api.upload_folder(
         repo_id=training_args.hub_model_id,
         folder_path=training_args.output_dir,
-        ignore_patterns=["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth"],
+        ignore_patterns=["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", LOCK_NAME, MANIFEST_NAME],
         commit_message=f"ThinkRec {training_args.stage} stage",
     )
     logger.info("pushed %s to %s", training_args.output_dir, training_args.hub_model_id)

@@ -65,6 +65,27 @@ def check_resumable(checkpoint: str | os.PathLike, current: dict) -> None:
         )
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from (a save that was stopped part-way), else None.
+    The run arguments are written last, after Trainer's weights, optimizer, scheduler and state."""
+    for name in ("trainer_state.json", RUN_ARGUMENTS_NAME):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, log) -> str | None:
+    """The `checkpoint-N` of `output_dir` with the largest N that was saved to the end; the incomplete ones
+    after it are skipped, and the log says which and why (they are written again when training reaches them)."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        log.warning("%s is incomplete (%s: its save was stopped part-way); skipped", folder, problem)
+    return None
+
+
 def remove_checkpoints(output_dir: str | os.PathLike) -> list[str]:
     """Delete the `checkpoint-*` folders of `output_dir` (overwrite_output_dir); returns their names."""
     removed = []

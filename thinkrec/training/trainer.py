@@ -151,6 +151,8 @@ def _in_dataset_order(values, restore: np.ndarray):
 # What evaluation during training logs; the full table (every k, counts) is written at predict time.
 LOGGED_METRICS = ("auc", "uauc", "gauc", "ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "map@5",
                   "warm/auc", "warm/uauc", "cold/auc", "cold/uauc", "n_rows")
+# The names Trainer logs them under (eval_<name>): metric_for_best_model must be one of these.
+REPORTED_METRICS = {name: name.replace("@", "_at_").replace("/", "_") for name in LOGGED_METRICS}
 
 
 def metrics_for(dataset: datasets.Dataset, ks=(1, 3, 5, 10)):
@@ -173,7 +175,7 @@ def metrics_for(dataset: datasets.Dataset, ks=(1, 3, 5, 10)):
             raise ValueError("evaluation rows came back in another order than the dataset's; metrics would be wrong.")
         metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold, ks=ks)
         return {
-            name.replace("@", "_at_").replace("/", "_"): metrics[name]
+            REPORTED_METRICS[name]: metrics[name]
             for name in LOGGED_METRICS
             if name in metrics and not _is_nan(metrics[name])
         }
