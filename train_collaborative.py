@@ -44,9 +44,10 @@ from thinkrec.collaborative.training import (
 from thinkrec.data.preparation import SPLITS
 from thinkrec.data.records import load_prepared, records_fingerprint
 from thinkrec.evaluation.metrics import compute_metrics
+from thinkrec.training.run_folder import RunFolder
 from thinkrec.utils.arguments import parse_args, run_command
 from thinkrec.utils.errors import InputError, MissingInputError
-from thinkrec.utils.files import atomic_write, write_json
+from thinkrec.utils.files import atomic_write, check_not_inside, output_lock, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -303,20 +304,32 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
     previous_threads = torch.get_num_threads()
     if training_args.num_threads:
         torch.set_num_threads(training_args.num_threads)
+    check_not_inside(training_args.output_dir, [data_args.records_dir])
     try:
-        return _train_and_save(model_args, data_args, training_args)
+        # One run per folder; its files are staged and moved in together, so a stopped run leaves the earlier one whole.
+        with output_lock(training_args.output_dir, "train_collaborative.py"):
+            folder = RunFolder(training_args.output_dir)
+            folder.begin()
+            try:
+                outcome = _train_and_save(model_args, data_args, training_args, folder.staging)
+            except BaseException:
+                folder.discard()
+                raise
+            folder.publish()
+            logger.info("saved checkpoint and predictions to %s", training_args.output_dir)
+            return outcome
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
+def _train_and_save(model_args, data_args, training_args, output_dir) -> TrainingOutcome:
+    """Train, evaluate and write the checkpoint, metrics and test predictions into `output_dir`."""
     records = load_prepared(data_args.records_dir)
     frames, metadata = records.splits, records.metadata
     outcome = train_and_evaluate(frames, int(metadata["num_users"]), int(metadata["num_items"]), model_args, training_args)
     print(summary_table(outcome.valid_metrics, outcome.test_metrics))
     print(f"train seconds: {outcome.fit.train_seconds:.1f} (best epoch {outcome.fit.best_epoch} of {outcome.fit.epochs_run})")
 
-    os.makedirs(training_args.output_dir, exist_ok=True)
     test_frame = frames["test"]
     predictions = pd.DataFrame({
         "UserID": test_frame["UserID"].to_numpy(),
@@ -325,7 +338,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "score": outcome.test_scores,
         "not_cold": outcome.test_not_cold,
     })
-    atomic_write(os.path.join(training_args.output_dir, "test_predictions.parquet"), lambda temp: predictions.to_parquet(temp, index=False))
+    atomic_write(os.path.join(output_dir, "test_predictions.parquet"), lambda temp: predictions.to_parquet(temp, index=False))
     results = {
         "valid": outcome.valid_metrics,
         "test": outcome.test_metrics,
@@ -333,7 +346,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "train_seconds": outcome.fit.train_seconds,
         "grid_results": outcome.grid_results,
     }
-    write_json(results, os.path.join(training_args.output_dir, "metrics.json"))
+    write_json(results, os.path.join(output_dir, "metrics.json"))
     hyper_parameters = {**asdict(outcome.model_args), **asdict(outcome.fit_config)}
     checkpoint_config = {
         "hyper_parameters": hyper_parameters,
@@ -344,8 +357,7 @@ def _train_and_save(model_args, data_args, training_args) -> TrainingOutcome:
         "source": metadata.get("source"),
     }
     checkpoint = checkpoint_from_model(outcome.model, num_users=int(metadata["num_users"]), config=checkpoint_config)
-    save_cf_checkpoint(checkpoint, training_args.output_dir)
-    logger.info("saved checkpoint and predictions to %s", training_args.output_dir)
+    save_cf_checkpoint(checkpoint, str(output_dir))
     return outcome
 
 

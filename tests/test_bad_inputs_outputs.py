@@ -406,3 +406,49 @@ def test_ctrl_c_at_seeded_moments_of_training_never_blocks_resuming(assets, tmp_
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 8
     assert leftovers(output_dir) == []
+
+
+# ------------------------------------------------------------------------------- train_collaborative
+
+
+def cf_args(records_dir, output_dir, **extra):
+    args = ["--records_dir", str(records_dir), "--output_dir", str(output_dir), "--model_type", "mf", "--embedding_dim", "8",
+            "--max_epochs", "2", "--chance_epochs", "0"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def refuse_constant(constant):
+    raise ValueError(f"non-strict JSON constant {constant}")
+
+
+def test_collaborative_outputs_are_strict_json_and_a_stopped_run_leaves_the_earlier_one_whole(assets, tmp_path, capsys, monkeypatch):
+    import train_collaborative
+
+    output_dir = tmp_path / "mf"
+    assert run_main(train_collaborative.main, cf_args(assets["records"], output_dir), capsys).code == 0
+    for name in ("metrics.json", "cf_config.json"):
+        json.loads((output_dir / name).read_text(), parse_constant=refuse_constant)  # NaN metrics (no cold rows) are null
+    before = {path: digest for path, digest in file_hashes([output_dir]).items() if LOCK_NAME not in path}
+
+    def stopped(*args, **kwargs):  # Ctrl-C while the checkpoint is saved, after predictions and metrics were written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_collaborative, "save_cf_checkpoint", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_collaborative.main(cf_args(assets["records"], output_dir, embedding_dim=4))
+    assert_inputs_unchanged(before)
+    assert leftovers(output_dir) == []
+
+
+def test_collaborative_records_inside_the_output_dir_are_refused(assets, tmp_path, capsys):
+    import train_collaborative
+
+    output_dir = tmp_path / "mf"
+    shutil.copytree(assets["records"], output_dir / "records")
+    before = file_hashes([output_dir])
+    outcome = run_main(train_collaborative.main, cf_args(output_dir / "records", output_dir), capsys)
+    assert_one_line_error(outcome, "holds the input", str(output_dir / "records"))
+    assert_inputs_unchanged(before)
+    assert set(file_hashes([output_dir])) == set(before)
