@@ -43,6 +43,7 @@ from thinkrec.collaborative.training import EncoderAtChanceError, build_model, s
 from thinkrec.data.preparation import RecordOptions, prepare_records
 from thinkrec.data.readers import InteractionLog, read_ml100k
 from thinkrec.evaluation.metrics import roc_auc
+from thinkrec.utils.environment import benchmark_environment
 from train_collaborative import MODEL_TYPES, CFTrainingArguments, ModelArguments, train_and_evaluate
 
 
@@ -257,7 +258,7 @@ def main(argv=None) -> dict:
     if baseline is not None:
         summary["previous_mf"] = {"seconds_per_epoch": round(baseline["seconds_per_epoch"], 1), "valid_auc": round(baseline["valid_auc"], 4),
                                   "steps": baseline["steps"]}
-    print(json.dumps(summary))
+    print(json.dumps({**summary, "environment": benchmark_environment()}))
     return {"results": results, "baseline": baseline, "rows": rows, "num_users": num_users, "num_items": num_items}
 
 

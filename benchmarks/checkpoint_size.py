@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from modeling_thinkrec import ThinkRecForCausalLM
 from thinkrec.collaborative.models import CFCheckpoint
 from thinkrec.training.backbones import smollm2_model_dir
+from thinkrec.utils.environment import benchmark_environment
 
 
 # ML-1M sizes (users, items incl. the padding row), MF d=256: the tables a stage-2 model carries.
@@ -124,6 +125,7 @@ def main() -> None:
           f"{computed['stage1_bytes'] / 1e6:.1f} MB small; stage 2 {computed['stage2_full_bytes'] / 1e9:.2f} GB full vs "
           f"{computed['stage2_bytes'] / 1e6:.1f} MB small ({computed['full_fp32_stage2_bytes'] / 1e9:.1f} GB in fp32)")
     print(json.dumps({
+        "environment": benchmark_environment(),
         "smollm2": {
             "stage1_full_bytes": results["stage1"]["full_bytes"], "stage1_bytes": results["stage1"]["bytes"],
             "stage2_full_bytes": results["stage2"]["full_bytes"], "stage2_bytes": results["stage2"]["bytes"],

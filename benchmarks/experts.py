@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from experts_thinkrec import ExpertLoraLinear, RoutingState, inject_experts
+from thinkrec.utils.environment import benchmark_environment
 
 
 PRESETS = {
@@ -186,6 +187,7 @@ def main():
           f"single_lora / mixture cost ratio = {results['single_lora'] / results['mixture']:.3f} (target <= 1.3)")
     print(f"max abs error of the mixed layer vs the hand-computed sum: {error:.2e}")
     print(json.dumps({
+        "environment": benchmark_environment(),
         "preset": args.preset,
         "device": device_name,
         "rows_per_second": {name: round(value, 3) for name, value in results.items()},

@@ -48,6 +48,7 @@ from modeling_thinkrec import add_slot_tokens  # noqa: E402
 from thinkrec.data.records import load_records_dataset  # noqa: E402
 from thinkrec.training.backbones import smollm2_tokenizer_dir  # noqa: E402
 from thinkrec.training.trainer import length_order  # noqa: E402
+from thinkrec.utils.environment import benchmark_environment  # noqa: E402
 from thinkrec.utils.subsets import seeded_subset  # noqa: E402
 
 
@@ -133,6 +134,7 @@ def main() -> None:
     print(f"padding share of scored tokens, evaluation batches of {args.batch_size}: dataset order {sequential:.1%}, "
           f"grouped by length {grouped:.1%}")
     print(json.dumps({
+        "environment": benchmark_environment(),
         "rows": count,
         "collator_rows_per_second": round(count / baseline_seconds, 1),
         "pipeline_first_epoch_rows_per_second": round(count / first_seconds, 1),

@@ -30,6 +30,7 @@ from data_collator import ThinkRecCollator
 from modeling_thinkrec import ThinkRecForCausalLM
 from thinkrec.collaborative.models import CFCheckpoint
 from thinkrec.training.backbones import load_smollm2, smollm2_tokenizer_dir, tiny_llama
+from thinkrec.utils.environment import benchmark_environment
 
 
 WORDS = (
@@ -216,7 +217,7 @@ def main():
     print(f"|{'-' * 54}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 8}|")
     for measure, ours, baseline, ratio, target in table:
         print(f"| {measure:<52} | {ours:>10.4f} | {baseline:>10.4f} | {ratio:>6.3f} | {target:<6} |")
-    print(json.dumps(result))
+    print(json.dumps({**result, "environment": benchmark_environment()}))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import pandas as pd
 from thinkrec.data.preparation import RecordOptions, prepare_records
 from thinkrec.data.readers import InteractionLog, read_ml100k
 from thinkrec.data.records import save_prepared
+from thinkrec.utils.environment import benchmark_environment
 
 
 def synthetic_log(num_interactions: int, num_users: int, num_items: int, seed: int) -> InteractionLog:
@@ -110,6 +111,7 @@ def main() -> None:
                 "prepare_seconds": round(prepare_seconds, 3),
                 "write_seconds": round(write_seconds, 3),
                 "baseline_read_seconds": round(read_seconds, 3),
+                "environment": benchmark_environment(),
             }
         )
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from configuration_thinkrec import SCORE_TYPES
+from thinkrec.utils.environment import benchmark_environment  # noqa: E402
 from thinkrec.utils.subsets import metric_cell
 
 
@@ -206,6 +207,7 @@ def main() -> None:
     gain = table["stage2"]["auc"] - table["mf"]["auc"]
     print(f"stage 2 - MF alone: {gain:+.4f} AUC (aim: >= +0.02)")
     print(json.dumps({
+        "environment": benchmark_environment(),
         "preset": args.preset,
         "train_rows": settings["train_rows"],
         "test_rows": int(table["mf"]["n_rows"]),

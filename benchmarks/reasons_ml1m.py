@@ -40,6 +40,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+from thinkrec.utils.environment import benchmark_environment  # noqa: E402
 from thinkrec.utils.subsets import metric_cell
 
 
@@ -167,6 +168,7 @@ def main() -> None:
           f"({metric_cell(aims['reasons'].get('verdict_agrees_with_score'))}); body = verdict >= 0.8 "
           f"({metric_cell(aims['reasons'].get('body_agrees_with_verdict'))}); grounding >= 0.9 ({metric_cell(aims['reasons'].get('grounding'))})")
     print(json.dumps({
+        "environment": benchmark_environment(),
         "preset": args.preset,
         "stage2": {"auc": stage2_test["auc"], "uauc": stage2_test["uauc"]},
         "stage2_more_lora": control and {"auc": control["auc"], "uauc": control["uauc"]},

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from thinkrec.collaborative.models import checkpoint_from_model, save_cf_checkpoint
+from thinkrec.utils.environment import benchmark_environment
 from train_collaborative import MODEL_TYPES, CFTrainingArguments, ModelArguments, train_and_evaluate
 
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
         }
         for dataset, results in all_results.items()
     }
-    print(json.dumps(summary))
+    print(json.dumps({**summary, "environment": benchmark_environment()}))
     return all_results
 
 
