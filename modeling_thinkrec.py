@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -365,7 +366,12 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         frozen base weights are left as they are. Every trained part of the model must be in the file."""
         if os.path.isdir(path):
             path = os.path.join(path, TRAINED_WEIGHTS_NAME)
-        saved = load_file(path)
+        try:
+            saved = load_file(path)
+        except SafetensorError as error:
+            # This file is also a checkpoint's remote code, without the repository: its own message names the file.
+            # (The repository's commands check the folder first: thinkrec.training.loading.load_checkpoint.)
+            raise OSError(f"{path}: not a valid safetensors file ({error}); truncated, empty or another format.") from None
         base_vocab = self.config.base_vocab_size
         for key, embeddings in ((ADDED_INPUT_ROWS, self.get_input_embeddings()), (ADDED_OUTPUT_ROWS, self.get_output_embeddings())):
             rows = saved.pop(key, None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,10 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
 from data_collator import ThinkRecCollator
-from modeling_thinkrec import ThinkRecForCausalLM
 from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_prepared
@@ -41,10 +39,10 @@ from thinkrec.reasons.reflection import (
     score_rows,
 )
 from thinkrec.reasons.sources import SynthesisedReasons
-from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_kwargs
+from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_checkpoint, load_kwargs
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
-from thinkrec.utils.errors import ExistingOutputError, InputError, MissingInputError
+from thinkrec.utils.errors import ExistingOutputError, InputError
 from thinkrec.utils.files import atomic_write, write_json
 from thinkrec.utils.subsets import seeded_subset
 
@@ -120,13 +118,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if len(frame) == 0:
             raise InputError(f"{args.records_dir}: the {name} split is empty.")
 
-    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        raise MissingInputError(f"model_dir={args.model_dir}: not a ThinkRec model folder (no config.json).")
-    model = ThinkRecForCausalLM.from_pretrained(args.model_dir, **load_kwargs(args.dtype, device_map=inference_device_map())).eval()
+    # The one load path: a missing folder, weights or tokenizer, or a broken weights file, is one message.
+    model, tokenizer = load_checkpoint(args.model_dir, "model_dir", **load_kwargs(args.dtype, device_map=inference_device_map()))
+    model.eval()
     if model.config.cf_model_type != "none":
         check_same_records(model.config.cf_records_fingerprint, model.config.cf_records_dir,
                            f"the collaborative tables of model_dir={args.model_dir}", args.records_dir, records.metadata)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     template = args.template or ("text_only" if model.config.cf_model_type == "none" else "collaborative")
     collator = ThinkRecCollator(
         tokenizer, template=template, include_answers=False, history_item_slots=args.history_item_slots,
@@ -173,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise InputError(f"the model mispredicted none of the {len(train)} train rows scored, so there is nothing to "
                              f"explain; {output_path} was not written.")
         errors = Counter(result.error for result in results if result.status != "kept").most_common(2)
-        raise InputError(f"{source_args.source} source: none of the {len(rows)} rows asked got a usable reason "
+        raise InputError(f"the {source_args.source} source: none of the {len(rows)} rows asked got a usable reason "
                          f"({'; '.join(f'{count} x {error}' for error, count in errors)}); {output_path} was not written.")
 
     # Record columns only: keywords are attached again from the item table by whoever reads the split.

@@ -267,7 +267,7 @@ def test_remote_teacher_reports_a_server_that_is_down(tmp_path):
         source.explain([titled("A"), titled("B", user=2)])
     assert source.counters.failed == 0 and source.counters.retries == 2 and not cache.exists()
     # complete() (keywords) stops the same way, after the first `concurrency` requests: the rest are not sent.
-    with pytest.raises(InputError, match=r"none of \d requests got an answer \(the other \d were not sent\)"):
+    with pytest.raises(InputError, match=r"none of \d requests got an answer \(\d more not sent\)"):
         source.complete([[{"role": "user", "content": f"item {i}"}] for i in range(8)])
 
 

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sasrec_thinkrec import PADDING_ID, SASRec
+from thinkrec.training.loading import read_safetensors
 from thinkrec.utils.errors import MissingInputError
 from thinkrec.utils.files import atomic_write, write_json
 
@@ -229,7 +230,8 @@ def load_cf_checkpoint(directory: str, device: str | torch.device = "cpu") -> CF
         raise ValueError(f"{config_path}: model_type must be one of {MODEL_TYPES}, found {model_type!r}")
     if metadata.get("padding_id", PADDING_ID) != PADDING_ID:
         raise ValueError(f"{config_path}: padding_id must be {PADDING_ID}, found {metadata['padding_id']}")
-    tensors = load_file(weights_path, device=str(device))
+    # A truncated, empty or pickled tables file is one message naming it (read_safetensors never unpickles).
+    tensors = read_safetensors(weights_path, device)
     config = metadata.get("config", {})
     if model_type == "sasrec":
         encoder_arguments = {name: config[name] for name in ("num_items", "hidden_size", "num_blocks", "num_heads", "max_len", "dropout")}

@@ -535,8 +535,6 @@ class LocalTeacher(ReasonSource):
                  model=None, tokenizer=None,
                  item_noun: str = DEFAULT_ITEM_NOUN, item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
                  no_repeat_ngram_size: int = 3):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from thinkrec.training import loading
 
         self.no_repeat_ngram_size = no_repeat_ngram_size
@@ -548,8 +546,9 @@ class LocalTeacher(ReasonSource):
                 model_name_or_path = str(smollm2_model_dir())
             if load_kwargs is None:
                 load_kwargs = loading.load_kwargs(device_map=loading.inference_device_map())
-            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **load_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            # The one load path: a missing folder, tokenizer or weights, or a broken weights file, is one message.
+            tokenizer = loading.load_tokenizer(model_name_or_path, "teacher_model")
+            model = loading.load_language_model(model_name_or_path, "teacher_model", **load_kwargs)
         if tokenizer is None:
             raise ValueError("LocalTeacher: a model passed in needs its tokenizer too.")
         if not tokenizer.chat_template:
@@ -855,7 +854,7 @@ class RemoteTeacher(ReasonSource):
             out = list(pool.map(lambda job: work(job, reachability), jobs))
         if jobs and not reachability.reached:
             failed = reachability.unreachable
-            skipped = f" (the other {len(jobs) - failed} were not sent)" if failed < len(jobs) else ""
+            skipped = f" ({len(jobs) - failed} more not sent)" if failed < len(jobs) else ""
             raise InputError(self._scrub(
                 f"remote teacher {self.url} is unreachable: none of {failed} requests got an answer{skipped}; "
                 f"last error: {reachability.last_error}. Nothing was written or cached: start the server, or check "

@@ -59,8 +59,10 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) of SmolLM2-135M-Instruct, offline."""
+    from thinkrec.training.loading import load_language_model, load_tokenizer
+
     path = smollm2_model_dir(cache_dir)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    return load_language_model(path, "the bundled smollm2", dtype=dtype), load_tokenizer(path, "the bundled smollm2")
 
 
 def tiny_llama(

@@ -1,17 +1,30 @@
-"""One load path for every precision: the keyword arguments that `from_pretrained` gets for a backbone,
-a ThinkRec checkpoint (whose small format rebuilds its base with them) or a teacher."""
+"""One load path for every model: the keyword arguments that `from_pretrained` gets for a backbone, a
+ThinkRec checkpoint (whose small format rebuilds its base with them) or a teacher, and the checks that
+turn a bad model input into one message naming the field, the folder or the file (an `InputError`)
+before transformers would fail with a traceback: a path that does not exist, a folder without its
+config, weights or tokenizer, a safetensors file that is truncated, empty or a pickle under another
+name (never unpickled)."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from thinkrec.utils.dtypes import DTYPES
-from thinkrec.utils.errors import InputError
+from thinkrec.utils.errors import InputError, MissingInputError
 
 
 DTYPE_CHOICES = ("auto", *DTYPES)
+# The files a backbone folder keeps its weights in, in the order transformers looks for them.
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# A PEFT adapter folder (no config.json: transformers loads the base its adapter_config.json names).
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# At least one of these makes a folder hold a tokenizer (fast, sentencepiece, BPE or WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def default_dtype() -> torch.dtype:
@@ -53,3 +66,145 @@ def load_kwargs(dtype: str = "auto", load_in_4bit: bool = False, attn_implementa
     if device_map is not None:
         kwargs["device_map"] = device_map
     return kwargs
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def model_source(name_or_path: str | os.PathLike, field: str) -> str:
+    """`name_or_path` (with `~` expanded) when it is a local folder or a Hub id that can be resolved; a
+    `MissingInputError` naming `field` when it is a path that does not exist, or, with HF_HUB_OFFLINE=1,
+    neither a folder nor a Hub model in the local cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    given = str(name_or_path)
+    path = os.path.expanduser(given)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise MissingInputError(f"{field}={given}: a file, not a model folder (config.json and weights) or a Hub id.")
+    try:
+        validate_repo_id(given)
+    except HFValidationError:
+        raise MissingInputError(f"{field}={given}: no such folder {given}.") from None
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(given, "config.json"), str):
+        raise MissingInputError(f"{field}={given}: no such folder {given}, and with HF_HUB_OFFLINE=1 it is not a Hub model "
+                                f"in the local cache either.")
+    return given
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """An `InputError` naming `path` unless it is a whole safetensors file (its header is read, the
+    tensors not; a pickle, e.g. a torch.save .bin renamed, is refused and never unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise InputError(f"{path}: not a valid safetensors file ({os.path.getsize(path)} bytes; {error}): truncated, empty "
+                         f"or another format such as a pickled .bin, which is never unpickled. Write it again.") from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after `check_safetensors`."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    return load_file(str(path), device=str(device))
+
+
+def read_config(folder: str | os.PathLike, field: str, kind: str = "model folder") -> dict:
+    """The `config.json` of a model folder; a `MissingInputError` naming `field` when there is none."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MissingInputError(f"{field}={folder}: not a {kind} (no config.json).")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error}).") from None
+
+
+def check_weights(folder: str | os.PathLike, field: str, names: tuple[str, ...] = MODEL_WEIGHTS) -> None:
+    """The folder holds one of the weight files `names` (every shard an index names, too), and each of
+    its safetensors files is whole; else an error naming the folder and the missing or broken file."""
+    folder = Path(folder)
+    found = [name for name in names if (folder / name).is_file()]
+    if not found:
+        others = f" (nor {', '.join(names[1:])})" if len(names) > 1 else ""
+        raise MissingInputError(f"{field}={folder}: no {names[0]} in the folder{others}; its weights are missing.")
+    for index in (folder / name for name in found if name.endswith(".index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise InputError(f"{index}: not a weights index (a JSON object with a weight_map): {error!r}.") from None
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise MissingInputError(f"{field}={folder}: {index.name} names {missing[0]}, which is not in the folder "
+                                    f"({len(missing)} of {len(shards)} shards missing).")
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def check_model_folder(folder: str | os.PathLike, field: str) -> None:
+    """A backbone folder holds its config and whole weights (or is a PEFT adapter folder with its weights)."""
+    adapter = os.path.isfile(os.path.join(folder, "adapter_config.json")) and not os.path.isfile(os.path.join(folder, "config.json"))
+    if not adapter:
+        read_config(folder, field)
+    check_weights(folder, field, ADAPTER_WEIGHTS if adapter else MODEL_WEIGHTS)
+
+
+def check_tokenizer(folder: str | os.PathLike, field: str) -> None:
+    """The folder holds a tokenizer; else an error naming it (transformers would suggest installing
+    sentencepiece instead)."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise MissingInputError(f"{field}={folder}: no tokenizer in the folder (no {TOKENIZER_FILES[0]}, nor "
+                                f"{', '.join(TOKENIZER_FILES[1:])}); save the tokenizer with the model.")
+
+
+# ------------------------------------------------------------------------------------------- loads
+
+
+def load_language_model(name_or_path: str, field: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)` after the checks of a local folder
+    (config, weights, whole safetensors files); errors name `field` (e.g. "model_name_or_path")."""
+    from transformers import AutoModelForCausalLM
+
+    source = model_source(name_or_path, field)
+    if os.path.isdir(source):
+        check_model_folder(source, field)
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def load_tokenizer(name_or_path: str, field: str, **kwargs):
+    """`AutoTokenizer.from_pretrained(name_or_path, **kwargs)`, after checking that a local folder holds a tokenizer."""
+    from transformers import AutoTokenizer
+
+    source = model_source(name_or_path, field)
+    if os.path.isdir(source):
+        check_tokenizer(source, field)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def load_checkpoint(folder: str, field: str, **kwargs):
+    """(model, tokenizer) of a ThinkRec checkpoint folder (`init_from`, reflect.py's `model_dir`), with
+    `ThinkRecForCausalLM.from_pretrained(folder, **kwargs)`. Checked first: the config, the weights
+    (`thinkrec_weights.safetensors`, or a full `model.safetensors`), the tokenizer and, for the small
+    format, the base it is rebuilt from (`base_model_name_or_path=` in kwargs, else the config's)."""
+    from modeling_thinkrec import TRAINED_WEIGHTS_NAME, ThinkRecForCausalLM
+
+    source = model_source(folder, field)
+    if os.path.isdir(source):
+        config = read_config(source, field, "ThinkRec model folder")
+        # The small format, else every weight (save_pretrained(..., full_weights=True)).
+        check_weights(source, field, (TRAINED_WEIGHTS_NAME, "model.safetensors", "model.safetensors.index.json"))
+        check_tokenizer(source, field)
+        base = kwargs.get("base_model_name_or_path") or config.get("base_model_name_or_path")
+        if base and os.path.isfile(os.path.join(source, TRAINED_WEIGHTS_NAME)):
+            base_field = f"the base of {field}={folder}: base_model_name_or_path"
+            base_source = model_source(base, base_field)
+            if os.path.isdir(base_source):
+                check_model_folder(base_source, base_field)
+    model = ThinkRecForCausalLM.from_pretrained(source, **kwargs)
+    return model, load_tokenizer(source, field)
