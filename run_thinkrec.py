@@ -34,8 +34,6 @@ import transformers
 from accelerate import PartialState
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     EarlyStoppingCallback,
     SchedulerType,
     TrainingArguments,
@@ -55,7 +53,7 @@ from thinkrec.evaluation.metrics import compute_metrics, format_metrics
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, reason_body, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
-from thinkrec.training.loading import DTYPE_CHOICES, load_kwargs
+from thinkrec.training.loading import DTYPE_CHOICES, load_checkpoint, load_kwargs, load_language_model, load_tokenizer, model_source
 from thinkrec.training.resume import RunArgumentsCallback, check_resumable, last_complete_checkpoint, remove_checkpoints, run_arguments
 from thinkrec.training.run_folder import RunFolder, save_metrics
 from thinkrec.training.trainer import REPORTED_METRICS, ThinkRecTrainer, interleave_reasoning_rows, metrics_for
@@ -296,7 +294,7 @@ def resolve_backbone(name_or_path: Optional[str]) -> str:
 
 def check_same_backbone(model: ThinkRecForCausalLM, name_or_path: str, init_from: str) -> None:
     """Stop when the requested backbone is not the one the checkpoint was trained on."""
-    expected = AutoConfig.from_pretrained(resolve_backbone(name_or_path))
+    expected = AutoConfig.from_pretrained(model_source(resolve_backbone(name_or_path), "model_name_or_path"))
     found = model.config.text_config
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if getattr(expected, key, None) != getattr(found, key, None):
@@ -315,8 +313,8 @@ def model_load_kwargs(model_args: ModelArguments) -> dict:
 def load_backbone(model_args: ModelArguments):
     """The causal LM and its tokenizer, in the requested precision (4-bit through bitsandbytes)."""
     path = resolve_backbone(model_args.model_name_or_path)
-    language_model = AutoModelForCausalLM.from_pretrained(path, **model_load_kwargs(model_args))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    language_model = load_language_model(path, "model_name_or_path", **model_load_kwargs(model_args))
+    tokenizer = load_tokenizer(path, "model_name_or_path", trust_remote_code=model_args.trust_remote_code)
     return language_model, tokenizer, path
 
 
@@ -347,10 +345,7 @@ def build_model(model_args: ModelArguments, training_args: ThinkRecTrainingArgum
     if stage == "experts" and not model_args.init_from:
         raise InputError("stage 'experts' starts from a stage-1 or stage-2 folder with a LoRA adapter: set init_from.")
     if model_args.init_from:
-        if not os.path.isfile(os.path.join(model_args.init_from, "config.json")):
-            raise MissingInputError(f"init_from={model_args.init_from}: not a ThinkRec checkpoint (no config.json).")
-        model = ThinkRecForCausalLM.from_pretrained(model_args.init_from, **model_load_kwargs(model_args))
-        tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
+        model, tokenizer = load_checkpoint(model_args.init_from, "init_from", **model_load_kwargs(model_args))
         if model_args.model_name_or_path is not None:
             check_same_backbone(model, model_args.model_name_or_path, model_args.init_from)
         backbone = model.config.text_config._name_or_path or model_args.init_from

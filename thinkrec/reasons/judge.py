@@ -157,9 +157,14 @@ def minilm_dir() -> Path:
 
 @lru_cache(maxsize=2)
 def _encoder(model_dir: str):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    from thinkrec.training.loading import check_model_folder, load_tokenizer, model_source
+
+    source = model_source(model_dir, "embedding_model")
+    if Path(source).is_dir():
+        check_model_folder(source, "embedding_model")
+    return load_tokenizer(source, "embedding_model"), AutoModel.from_pretrained(source).eval()
 
 
 def sentence_embeddings(texts: Sequence[str], model_dir: Optional[str] = None, batch_size: int = 64) -> np.ndarray:

@@ -14,6 +14,7 @@ from torch.utils.data import Sampler
 from transformers import EvalPrediction, Trainer
 
 from thinkrec.evaluation.metrics import compute_metrics
+from thinkrec.training.loading import check_safetensors
 
 
 class ThinkRecTrainer(Trainer):
@@ -44,6 +45,7 @@ class ThinkRecTrainer(Trainer):
 
         if not os.path.isfile(os.path.join(folder, TRAINED_WEIGHTS_NAME)) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return False
+        check_safetensors(os.path.join(folder, TRAINED_WEIGHTS_NAME))
         self.accelerator.unwrap_model(self.model).load_trained_weights(folder)
         return True
 
