@@ -271,13 +271,12 @@ def attach_keywords_to_dataset(dataset, keywords: Mapping[int, list[str]]):
 
 
 def save_item_keywords(records_dir: str | Path, keywords: Mapping[int, list[str]], info: dict) -> Path:
-    """Store keywords in a prepared folder's item table (a new file, named by content), then point
-    `metadata.json` (with `info` under "item_keywords") and the dataset card to it; the old item file
-    is removed last. Returns the new item file."""
+    """Store keywords in a prepared folder's item table (a new file, named by content, recorded in the
+    folder's manifest), then point `metadata.json` (with `info` under "item_keywords") and the dataset card
+    to it; the old item file is removed last. Returns the new item file."""
     import pyarrow as pa
 
-    from thinkrec.data.records import OUTPUT_FORMATS, dataset_card, item_features, load_prepared, record_features, write_table
-    from thinkrec.utils.files import atomic_write, write_json
+    from thinkrec.data.records import item_features, load_prepared, owned_files, publish_prepared, write_table
 
     directory = Path(records_dir)
     records = load_prepared(directory)
@@ -287,20 +286,13 @@ def save_item_keywords(records_dir: str | Path, keywords: Mapping[int, list[str]
         raise InputError(f"{directory}: keywords given for ItemIDs not in the item table, e.g. {unknown[:5]}.")
     items[KEYWORDS_COLUMN] = _keywords_of(keywords, items["ItemID"])
     output_format = records.metadata.get("output_format", "parquet")
-    features = item_features(items)
-    old = directory / records.metadata["files"]["items"]
-    name = write_table(pa.Table.from_pandas(items, preserve_index=False), directory, "items", features, output_format)
+    manifest = owned_files(directory)
+    name = write_table(pa.Table.from_pandas(items, preserve_index=False), directory, "items", item_features(items), output_format)
+    manifest.add(name)
     records.items = items
-    metadata = dict(records.metadata, item_keywords=info)
-    metadata["files"] = dict(metadata["files"], items=name)
-    records.metadata = metadata
-    write_json(metadata, directory / "metadata.json", sort_keys=True)
-    card = dataset_card(records, metadata["files"], record_features(metadata.get("embeddings")))
-    atomic_write(directory / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
-    new = directory / name
-    if old != new and old.suffix in OUTPUT_FORMATS.values() and old.exists():
-        old.unlink()
-    return new
+    records.metadata = dict(records.metadata, item_keywords=info)
+    publish_prepared(records, directory, dict(records.metadata["files"], items=name), manifest)
+    return directory / name
 
 
 __all__ = [

@@ -199,7 +199,7 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
     return {"dim": dim}
 
 
-def _owned_files(output_dir: Path) -> Manifest:
+def owned_files(output_dir: Path) -> Manifest:
     """The manifest of `output_dir`; a folder prepared before manifests existed owns the files its
     `metadata.json` names (and only those)."""
     manifest = Manifest(output_dir)
@@ -241,7 +241,7 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     # Records without item nouns could not be prompted: refuse them before writing anything.
     item_nouns_from_metadata(records.metadata, f"records for {output_dir}")
     features = record_features(records.metadata.get("embeddings"))
-    manifest = _owned_files(output_dir)
+    manifest = owned_files(output_dir)
     files: dict[str, str] = {}
 
     def write(name: str, table: pa.Table, folder: str, stem: str, table_features: datasets.Features) -> None:
