@@ -17,8 +17,11 @@ Presets (same script, only sizes and precision differ):
   gpu: every train row, the whole validation split for checkpoint choice, the whole test split.
 
 MF comes from train_collaborative.py with the reproduction settings (trained here unless
---mf_checkpoint is given). Last line: one JSON object
-{"train_rows", "test_rows", "mf": {"auc", "uauc", ...}, "stage1": {...}, "stage2": {...}, "experts_k2_hard": {...}, ...}.
+--mf_checkpoint is given). A second table gives each row minus its baseline (MF alone for stages 1
+and 2, stage 2 for the control and the experts) and minus the control, on the same test rows, with the
+95% interval of a paired bootstrap over users and DeLong's p for AUC. Last line: one JSON object
+{"train_rows", "test_rows", "mf": {"auc", "uauc", ...}, "stage1": {...}, "stage2": {...}, "experts_k2_hard": {...}, ...,
+ "deltas": {"stage2": {"mf": {"auc": {"delta", "ci95", "verdict"}, "uauc": {...}, "delong_p"}}, ...}}.
 """
 
 from __future__ import annotations
@@ -29,16 +32,19 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-from configuration_thinkrec import SCORE_TYPES
+from configuration_thinkrec import SCORE_TYPES  # noqa: E402
+from thinkrec.evaluation.metrics import CI_RESAMPLES, compare_against_references, format_delta_table, format_interval, summarise_deltas  # noqa: E402
 from thinkrec.utils.environment import benchmark_environment  # noqa: E402
-from thinkrec.utils.subsets import metric_cell
+from thinkrec.utils.subsets import metric_cell  # noqa: E402
 
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
+PREDICTIONS = "test_predictions.parquet"
 
 PRESETS = {
     "cpu": {
@@ -115,6 +121,22 @@ def run_stage(name: str, settings: dict, args, records: Path, output: Path, extr
     return results, time.perf_counter() - start
 
 
+def comparison_plan(output: Path, expert_clusters: Optional[list[int]]) -> tuple[dict, dict]:
+    """Where each row's test predictions are (file, score column), and which rows each is compared with: stages 1
+    and 2 with MF alone (stage 2's own CF score: the same MF tables on the same rows), the control with stage 2,
+    the experts with stage 2 and the control."""
+    sources = {"mf": (output / "stage2_projector" / PREDICTIONS, "cf_score"), "stage1": (output / "stage1_lora" / PREDICTIONS, "score"),
+               "stage2": (output / "stage2_projector" / PREDICTIONS, "score")}
+    references = {"stage1": ["mf"], "stage2": ["mf"]}
+    if expert_clusters is not None:
+        sources["stage2_more_lora"], references["stage2_more_lora"] = (output / "stage2_more_lora" / PREDICTIONS, "score"), ["stage2"]
+        for clusters in expert_clusters:
+            for rule in ("hard", "soft"):
+                key = f"experts_k{clusters}_{rule}"
+                sources[key], references[key] = (output / f"stage3_{key}" / PREDICTIONS, "score"), ["stage2", "stage2_more_lora"]
+    return sources, references
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -165,7 +187,7 @@ def main() -> None:
         "stage2_projector", settings, args, records, output,
         {"stage": "projector", "init_from": str(output / "stage1_lora"), "cf_checkpoint": str(mf_dir)},
     )
-    summary = lambda m: {key: m.get(key) for key in ("auc", "uauc", "warm/auc", "cold/auc", "n_rows")}  # noqa: E731
+    summary = lambda m: {key: m.get(key) for key in ("auc", "uauc", "warm/auc", "cold/auc", "n_rows", "auc_ci95", "uauc_ci95")}  # noqa: E731
     table = {"mf": summary(stage2["cf_alone"]), "stage1": summary(stage1["test"]), "stage2": summary(stage2["test"])}
     seconds = {"mf": None, "stage1": stage1_seconds, "stage2": stage2_seconds}
     names = {"mf": "MF alone", "stage1": "stage 1 (text-only LoRA)", "stage2": "stage 2 (+ MF projector)"}
@@ -204,15 +226,24 @@ def main() -> None:
         row = table[key]
         print(f"{label:<34}{cell(row['auc']):>8}{cell(row['uauc']):>8}{cell(row['warm/auc']):>10}{cell(row['cold/auc']):>10}"
               f"{(f'{seconds[key]:.0f}' if seconds[key] and not math.isnan(seconds[key]) else '-'):>10}")
-    gain = table["stage2"]["auc"] - table["mf"]["auc"]
-    print(f"stage 2 - MF alone: {gain:+.4f} AUC (aim: >= +0.02)")
+    sources, references = comparison_plan(output, args.expert_clusters if args.experts else None)
+    deltas = compare_against_references(sources, references, ("auc", "uauc"), CI_RESAMPLES, args.seed)
+    print("\n" + format_delta_table(deltas, names))
+    gain = deltas["stage2"]["mf"]["metrics"]["auc"] if "metrics" in deltas["stage2"]["mf"] else None
+    print(f"stage 2 - MF alone: {format_interval(gain['delta'], gain['ci95']) if gain else 'n/a'} AUC (aim: >= +0.02, "
+          "the interval above 0)")
     print(json.dumps({
         "environment": benchmark_environment(),
         "preset": args.preset,
         "train_rows": settings["train_rows"],
         "test_rows": int(table["mf"]["n_rows"]),
-        **{key: {"auc": row["auc"], "uauc": row["uauc"], "warm_auc": row["warm/auc"], "cold_auc": row["cold/auc"]}
+        **{key: {"auc": row["auc"], "uauc": row["uauc"], "warm_auc": row["warm/auc"], "cold_auc": row["cold/auc"],
+                 "auc_ci95": row["auc_ci95"], "uauc_ci95": row["uauc_ci95"]}
            for key, row in table.items()},
+        # Each row minus its baseline (MF alone for stages 1 and 2, stage 2 for the rest) and the control, paired on the
+        # same test rows: {row: {reference: {"auc": {"delta", "ci95", "verdict"}, "uauc": {...}, "delong_p"}}}.
+        "deltas": summarise_deltas(deltas),
+        "ci_resamples": CI_RESAMPLES,
         # A stage reused from an earlier run has no time of its own (null, not NaN: the line stays JSON).
         "seconds": {key: (None if value is None or math.isnan(value) else round(value, 1)) for key, value in seconds.items()},
     }))

@@ -23,8 +23,10 @@ The stance checker is fitted on those references.
 Columns: AUC / UAUC of the scores the decisions use, verdict agrees with score, body agrees with verdict
 (with the stance checker's held-out accuracy), grounding, BLEU / ROUGE-L / METEOR / MiniLM cosine
 against the references, words per answer, repeated 3-gram rate. The control "stage 2 + same rows, one
-LoRA" (quality_ml1m.py --experts) is shown when that run is finished. Last line: one JSON object
-{"stage2", "stage2_with_reasons", "stage2_with_reasons_no_keywords", "reasons", "reference_source", ...}.
+LoRA" (quality_ml1m.py --experts) is shown when that run is finished. A second table gives each reasons
+row minus stage 2 and minus the control on the same test rows, with the 95% interval of a paired bootstrap over
+users and DeLong's p for AUC. Last line: one JSON object
+{"stage2", "stage2_with_reasons", "stage2_with_reasons_no_keywords", "reasons", "reference_source", "deltas", ...}.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+from thinkrec.evaluation.metrics import CI_RESAMPLES, compare_against_references, format_delta_table, format_interval, summarise_deltas  # noqa: E402
 from thinkrec.utils.environment import benchmark_environment  # noqa: E402
-from thinkrec.utils.subsets import metric_cell
+from thinkrec.utils.subsets import metric_cell  # noqa: E402
 
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "ml1m-collm"
@@ -55,6 +58,7 @@ PRESETS = {
             "max_prompt_tokens": 512, "dtype": "bfloat16", "train_batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-4,
             "max_new_tokens": 128, "max_reason_tokens": 128},
 }
+PREDICTIONS = "test_predictions.parquet"
 REASON_KEYS = ("verdict_agrees_with_score", "body_agrees_with_verdict", "stance_accuracy", "grounding", "bleu", "rouge_l",
                "meteor", "cosine")
 
@@ -101,6 +105,22 @@ def loop(args, settings: dict, name: str, records: Path, stage2: Path, title_key
     (output / "loop.json").write_text(json.dumps(loop_args, indent=2))
     run(["reflection_loop.py", str(output / "loop.json")])
     return json.loads((output / "loop" / "loop_summary.json").read_text())
+
+
+def reason_deltas(stage2: Path, output: Path, has_control: bool, seed: int) -> tuple[dict, dict]:
+    """Each reasons row minus stage 2 and minus the control, paired on the same test rows: the comparisons
+    ({row: {reference: ...}}) and the rows' printed names."""
+    names = {"stage2": "stage 2", "stage2_more_lora": "stage 2 + same rows, one LoRA",
+             "stage2_with_reasons": "stage 2 + reasons (keywords)", "stage2_with_reasons_no_keywords": "stage 2 + reasons (no keywords)",
+             "stage2_on_keyword_prompts": "stage 2 on keyword prompts"}
+    sources = {"stage2": (stage2 / PREDICTIONS, "score"),
+               "stage2_more_lora": (stage2.parent / "stage2_more_lora" / PREDICTIONS, "score"),
+               "stage2_with_reasons": (output / "with_keywords" / "loop" / "round1" / PREDICTIONS, "score"),
+               "stage2_with_reasons_no_keywords": (output / "without_keywords" / "loop" / "round1" / PREDICTIONS, "score"),
+               "stage2_on_keyword_prompts": (output / "with_keywords" / "loop" / "round0" / PREDICTIONS, "score")}
+    baselines = ["stage2", "stage2_more_lora"] if has_control else ["stage2"]
+    references = {key: baselines for key in ("stage2_with_reasons", "stage2_with_reasons_no_keywords", "stage2_on_keyword_prompts")}
+    return compare_against_references(sources, references, ("auc", "uauc"), CI_RESAMPLES, seed), names
 
 
 def main() -> None:
@@ -163,8 +183,13 @@ def main() -> None:
     for label, test, reasons in rows:
         values = {**(test or {}), **(reasons or {})}
         print(f"{label:<34}" + "".join(f"{metric_cell(values.get(key)):>11}" for key in columns))
+    deltas, delta_names = reason_deltas(stage2, output, control is not None, args.seed)
+    print(format_delta_table(deltas, delta_names))
     aims = with_keywords["rounds"][1]
-    print(f"aims: AUC >= stage 2 - 0.005 ({aims['test']['auc'] - stage2_test['auc']:+.4f}); verdict = score >= 0.95 "
+    versus_stage2 = deltas["stage2_with_reasons"]["stage2"]
+    auc_gap = (format_interval(versus_stage2["metrics"]["auc"]["delta"], versus_stage2["metrics"]["auc"]["ci95"])
+               if "metrics" in versus_stage2 else f"{aims['test']['auc'] - stage2_test['auc']:+.4f}")
+    print(f"aims: AUC >= stage 2 - 0.005 ({auc_gap}); verdict = score >= 0.95 "
           f"({metric_cell(aims['reasons'].get('verdict_agrees_with_score'))}); body = verdict >= 0.8 "
           f"({metric_cell(aims['reasons'].get('body_agrees_with_verdict'))}); grounding >= 0.9 ({metric_cell(aims['reasons'].get('grounding'))})")
     print(json.dumps({
@@ -182,6 +207,10 @@ def main() -> None:
         "keywords": keyword_info["method"],
         "reflections": {"with_keywords": with_keywords["reflections"][0], "without_keywords": without_keywords["reflections"][0]},
         "judged_rows": without_keywords["judged_rows"],
+        # Each reasons row minus stage 2 and the control on the same test rows:
+        # {row: {reference: {"auc": {"delta", "ci95", "verdict"}, "uauc": {...}, "delong_p"}}}.
+        "deltas": summarise_deltas(deltas),
+        "ci_resamples": CI_RESAMPLES,
     }))
 
 
