@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pandas._libs.parsers import STR_NA_VALUES
 
 from thinkrec.utils.errors import InputError, MissingInputError
 
@@ -38,6 +39,9 @@ TABLE_FORMATS = ("csv", "tsv", "parquet", "jsonl")
 # Complete character references only: HTML5 also decodes some names without ';' ("&not" in "&notes").
 _HTML_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 _LIST_SHAPES = "text, a list of strings or a list of lists of strings"
+# pandas' default missing-value markers ("NA", "N/A", "NaN", "null", "None", "<NA>", "#N/A", ...). Cells are read
+# as written, so in an id or time column a marker is refused as an empty cell; in a title it stays text.
+MISSING_MARKERS = frozenset(STR_NA_VALUES) - {""}
 
 
 class DataFormatError(InputError):
@@ -125,6 +129,20 @@ def _first_row(mask: pd.Series) -> int:
     return int(np.flatnonzero(mask.to_numpy())[0])
 
 
+def _empty_keys(values: pd.Series, path: Path, column: str, what: str) -> None:
+    """Refuse empty cells and missing-value markers (`MISSING_MARKERS`) in an id or time column, naming the
+    file, the column, the first row and, for a marker, how it is written."""
+    empty = _empty_cells(values)
+    markers = pd.Series(False, index=values.index)
+    if not pd.api.types.is_numeric_dtype(values):
+        markers = values.map(lambda value: isinstance(value, str) and value.strip() in MISSING_MARKERS).astype(bool)
+    empty |= markers
+    if not empty.any():
+        return
+    written = f" (a missing-value marker such as {values[markers].iloc[0].strip()!r} is an empty cell)" if markers.any() else ""
+    raise DataFormatError(f"{path}: column {column!r} has {int(empty.sum())} empty {what}(s){written}, first at row {_first_row(empty)}.")
+
+
 def _numeric_column(values: pd.Series, path: Path, column: str) -> pd.Series:
     """Convert to float64; raise naming the file, column and a bad sample value otherwise."""
     converted = pd.to_numeric(values, errors="coerce")
@@ -143,9 +161,7 @@ def _numeric_column(values: pd.Series, path: Path, column: str) -> pd.Series:
 
 def _timestamp_column(values: pd.Series, path: Path, column: str) -> pd.Series:
     """Unix seconds as int64 from numbers or from date strings (``2019-03-01``, ISO 8601...)."""
-    empty = _empty_cells(values)
-    if empty.any():
-        raise DataFormatError(f"{path}: column {column!r} has empty timestamps, first at row {_first_row(empty)}.")
+    _empty_keys(values, path, column, "timestamp")
     if pd.api.types.is_numeric_dtype(values):
         return values.astype("float64").round().astype("int64")
     numeric = pd.to_numeric(values, errors="coerce")
@@ -163,10 +179,9 @@ def _timestamp_column(values: pd.Series, path: Path, column: str) -> pd.Series:
 
 
 def _id_column(values: pd.Series, path: Path, column: str) -> pd.Series:
-    """Ids as strings: text as written ("007" is not "7"); stored numbers as their decimal text (``12.0`` -> ``"12"``)."""
-    empty = _empty_cells(values)
-    if empty.any():
-        raise DataFormatError(f"{path}: column {column!r} has {int(empty.sum())} empty id(s), first at row {_first_row(empty)}.")
+    """Ids as strings: text as written ("007" is not "7"); stored numbers as their decimal text (``12.0`` -> ``"12"``).
+    Empty cells and missing-value markers ("NA", "null", ...) are refused."""
+    _empty_keys(values, path, column, "id")
     if pd.api.types.is_float_dtype(values) and (values == values.round()).all():
         values = values.astype("int64")
     return values.astype(str)
