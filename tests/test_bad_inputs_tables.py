@@ -111,6 +111,30 @@ REFUSED = [
                  ("toy.inter", "'user_id'", "empty id"), id="recbole-empty-user-id"),
     pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS) + ",i1,99,5\n"}, table_args("ratings.csv"),
                  ("ratings.csv", "'user_id'", "empty id"), id="csv-empty-user-id"),
+    # pandas' missing-value markers in an id or time cell are empty cells, not an id "NA" that merges every such row.
+    pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS) + "NA,i1,99,5\n"}, table_args("ratings.csv"),
+                 ("ratings.csv", "'user_id'", "empty id", "'NA'", "row 12"), id="csv-user-id-NA"),
+    pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS) + "".join(f"{marker},i1,{99 + k},5\n" for k, marker in enumerate(
+                      ["N/A", "NaN", "nan", "null", "NULL", "None", "<NA>", "#N/A"]))},
+                 table_args("ratings.csv"), ("ratings.csv", "'user_id'", "8 empty id", "'N/A'", "row 12"),
+                 id="csv-user-ids-missing-value-markers"),
+    pytest.param({"ratings.tsv": ratings_csv(USERS_7, ITEMS, sep="\t") + "u9\tnull\t99\t5\n"}, table_args("ratings.tsv"),
+                 ("ratings.tsv", "'item_id'", "empty id", "'null'", "row 12"), id="tsv-item-id-null"),
+    pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS) + "u9,i1,NaN,5\n"}, table_args("ratings.csv"),
+                 ("ratings.csv", "'timestamp'", "empty timestamp", "'NaN'", "row 12"), id="csv-timestamp-NaN"),
+    pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS),
+                  "items.csv": "item_id,name\ni1,One\n#N/A,Two\ni3,Three\ni4,Four\n"},
+                 table_args("ratings.csv", item_file="items.csv"), ("items.csv", "'item_id'", "empty id", "'#N/A'", "row 1"),
+                 id="item-csv-item-id-#N/A"),
+    pytest.param({"toy.inter": table(RECBOLE_HEADER, rows(USERS_7, ITEMS) + [("None", "i1", 99, 5)], sep="\t")},
+                 ["--source", "recbole", "--data_path", "{input}/toy.inter", *NOUNS, *SPLIT, "--missing_titles", "use_id"],
+                 ("toy.inter", "'user_id'", "empty id", "'None'", "row 12"), id="recbole-user-id-None"),
+    # Interaction ids missing from the item file are a join that failed ("12.0" against "12"), not untitled items.
+    pytest.param({"ratings.csv": ratings_csv(["u1", "u2"], ["12.0", "13.0", "14", "15"]),
+                  "items.csv": table(["item_id", "name"], [(item, f"Title of {item}") for item in ("12", "13", "14", "15")])},
+                 table_args("ratings.csv", item_file="items.csv"),
+                 ("2 of 4 item ids of", "ratings.csv", "are not in", "items.csv", "e.g. '12.0'", "the item file has e.g. '12'"),
+                 id="item-ids-not-in-the-item-file"),
     # The data file does not exist: the ratio error comes first, before anything is read.
     pytest.param({}, table_args("absent.csv", extra=["--split_ratios", "0.8", "0.1", "0.2"]),
                  ("split_ratios", "[0.8, 0.1, 0.2]", "sum"), id="split-ratios-sum-above-1"),
@@ -189,6 +213,11 @@ KEPT = [
                  ["--source", "recbole", "--data_path", "{input}/toy.inter", *NOUNS, *SPLIT],
                  both(users_with_rows({"7": 4, "07": 4, "007": 4}), items_with_titles(ISBN_TITLES, 3)),
                  id="recbole-users-and-isbn-items"),
+    # In text columns a missing-value marker is text: a title "NA" or "None" stays as written.
+    pytest.param({"ratings.csv": ratings_csv(USERS_7, ITEMS),
+                  "items.csv": table(["item_id", "name"], [("i1", "NA"), ("i2", "None"), ("i3", "null"), ("i4", "N/A")])},
+                 table_args("ratings.csv", item_file="items.csv"),
+                 items_with_titles({"i1": "NA", "i2": "None", "i3": "null", "i4": "N/A"}, 3), id="csv-titles-NA-None-kept"),
     # No rating or label: every row is a positive and negatives are sampled, so one class is expected.
     pytest.param({"orders.csv": table(["user_id", "item_id", "timestamp"], [(u, f"{i}-{u}", t) for u, i, t, _ in rows(USERS_7, ITEMS)])},
                  table_args("orders.csv", rating=None), both(users_with_rows({"7": 8, "07": 8, "007": 8}), sampled_negatives),

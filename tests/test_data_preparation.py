@@ -227,6 +227,31 @@ def test_items_without_titles():
         prepare_records(log, RecordOptions(split_timestamps=[2, 3], missing_titles="drop"))
 
 
+def test_item_ids_missing_from_the_item_file_are_reported_before_titles(caplog):
+    """Ids of the interactions that the item file lacks are a failed join ('12.0' against '12'): an error by
+    default, and with missing_titles 'use_id' or 'drop' (items without metadata accepted) a count in the log."""
+    rows = [("a", "12.0", 1, 5), ("b", "13", 2, 1), ("c", "12.0", 3, 5), ("c", "13", 4, 5), ("d", "14", 5, 1)]
+    titles = {"12": "Twelve", "13": "Thirteen", "14": "Fourteen"}
+    log = make_log(rows, titles=titles)
+    log.path, log.item_path = "ratings.csv", "items.jsonl"
+    with pytest.raises(InputError, match=r"^1 of 3 item ids of ratings.csv are not in items.jsonl \(e.g. '12.0'; the item "
+                                         r"file has e.g. '12'\)"):
+        prepare_records(log, RecordOptions(split_timestamps=[3, 5]))
+    with caplog.at_level("WARNING", logger="thinkrec.data.preparation"):
+        named = prepare_records(log, RecordOptions(split_timestamps=[3, 5], missing_titles="use_id"))
+    assert "1 of 3 item ids of ratings.csv are not in items.jsonl" in caplog.text
+    assert named.metadata["report"]["items_not_in_item_file"] == 1
+    assert "Item 12.0" in named.items["title"].tolist()
+    # Not one id found: the files do not share their ids, whatever missing_titles says.
+    log.items = pd.DataFrame({"item": ["x", "y"], "title": ["X", "Y"], "genres": "", "description": ""})
+    for policy in ("use_id", "drop"):
+        with pytest.raises(InputError, match=r"3 of 3 item ids of ratings.csv are not in items.jsonl .*none of them"):
+            prepare_records(log, RecordOptions(split_timestamps=[3, 5], missing_titles=policy))
+    # Without an item file the items come from the interaction file itself: nothing to join.
+    log.item_path = None
+    assert len(prepare_records(log, RecordOptions(split_timestamps=[3, 5], missing_titles="use_id")).items) == 3
+
+
 def test_empty_split_after_filtering_is_an_error():
     log = make_log([("a", "1", 1, 5), ("a", "2", 2, 1)])
     with pytest.raises(DataFormatError, match="test split is empty"):

@@ -73,7 +73,8 @@ class RecordOptions:
     )
     missing_titles: str = field(
         default="error",
-        metadata={"help": "Items without a title: 'error', 'drop' (their rows are removed and counted) or 'use_id' (title = 'Item <id>')."},
+        metadata={"help": "Items without a title (or missing from item_path): 'error', 'drop' (their rows are removed and "
+                  "counted) or 'use_id' (title = 'Item <id>'). An item file that holds none of the ids is always an error."},
     )
     num_candidates: int = field(
         default=0,
@@ -270,6 +271,29 @@ def _check_duplicates(interactions: pd.DataFrame, policy: str, source: str, repo
     return interactions[~duplicated]
 
 
+def _check_item_file(log: InteractionLog, interactions: pd.DataFrame, policy: str, report: dict) -> None:
+    """Item ids of the interactions that a separate item file lacks are a join that failed (ids written two ways,
+    '12.0' and '12'; the wrong id column): an `InputError` naming both files, unless `policy` ('drop', 'use_id')
+    accepts items without metadata, then a count in the log and the report. None found at all is always an error."""
+    if log.item_path is None:
+        return
+    used = pd.Index(pd.unique(interactions["item"]))
+    known = pd.Index(log.items["item"])
+    absent = used[~used.isin(known)]
+    if len(absent) == 0:
+        return
+    unused = known[~known.isin(used)]
+    sample = f"the item file has e.g. {(unused if len(unused) else known)[0]!r}" if len(known) else "the item file has no ids"
+    found = f"{len(absent)} of {len(used)} item ids of {log.path or log.source} are not in {log.item_path} (e.g. {absent[0]!r}; {sample})"
+    if len(absent) == len(used) or policy == "error":
+        nothing = " (none of them: the files do not share their ids)" if len(absent) == len(used) else ""
+        accept = "" if nothing else ", or set missing_titles='drop' or 'use_id' to accept items without metadata"
+        raise InputError(f"{found}{nothing}. Check that both files write the ids the same way and that the item file's id "
+                         f"column is the right one (table source: item_file_item_column){accept}.")
+    report["items_not_in_item_file"] = int(len(absent))
+    logger.warning("%s; missing_titles=%r: they are treated as items without a title.", found, policy)
+
+
 def _attach_titles(interactions: pd.DataFrame, items: pd.DataFrame, policy: str, source: str, report: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Restrict the item table to interacted items and make sure every one has a title."""
     used = pd.DataFrame({"item": pd.unique(interactions["item"])})
@@ -394,6 +418,7 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
     if len(interactions) == 0:
         raise DataFormatError(f"{log.source}: the interaction table is empty.")
     interactions = _check_duplicates(interactions, options.duplicates, log.source, report)
+    _check_item_file(log, interactions, options.missing_titles, report)
     interactions, items = _attach_titles(interactions, log.items, options.missing_titles, log.source, report)
     interactions = _filter_counts(interactions, options, report)
 

@@ -57,6 +57,7 @@ class InteractionLog:
     source: str
     path: Optional[str] = None  # the interaction file, named in messages
     feedback_column: Optional[str] = None  # the rating or label column as that file names it
+    item_path: Optional[str] = None  # the separate item file `items` was read from (None: from the interaction file)
 
     @property
     def feedback(self) -> str:
@@ -451,7 +452,8 @@ def read_recbole_atomic(
             item_frame[title] = item_frame[title].where(~has_year, item_frame[title] + " (" + years + ")")
         genre_separator = " " if genres is not None and item_types.get(genres) == "token_seq" else None
         items = _items_from_columns(item_frame, item_id, title, genres, description, item_path, genre_separator)
-    return InteractionLog(interactions, items, f"recbole:{inter_path.stem}", str(inter_path), rating or label)
+    return InteractionLog(interactions, items, f"recbole:{inter_path.stem}", str(inter_path), rating or label,
+                          item_path=None if item_path is None else str(item_path))
 
 
 def read_ml100k() -> InteractionLog:
@@ -570,7 +572,8 @@ def read_interaction_table(
         )
     else:
         items = _items_from_columns(frame, columns.item, columns.title, columns.genres, columns.description, path, genres_separator)
-    return InteractionLog(interactions, items, f"table:{path.name}", str(path), columns.rating or columns.label)
+    return InteractionLog(interactions, items, f"table:{path.name}", str(path), columns.rating or columns.label,
+                          item_path=None if item_path is None else str(item_path))
 
 
 # --------------------------------------------------------------------------------------------
