@@ -42,6 +42,7 @@ from thinkrec.training.backbones import SMOLLM2_HUB_ID
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import ExistingOutputError, InputError
+from thinkrec.utils.files import output_lock
 
 
 logger = logging.getLogger("extract_keywords")
@@ -67,6 +68,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # The teacher settings (teacher_model, base_url, remote_model, cache_path, ...) are reflect.py's.
     args, teacher_args = parse_command_args((KeywordArguments, TeacherArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # The records folder is rewritten (item table, metadata, card): one run on it at a time, prepare_data.py included.
+    with output_lock(args.records_dir, "extract_keywords.py"):
+        return extract(args, teacher_args)
+
+
+def extract(args: KeywordArguments, teacher_args: TeacherArguments) -> dict:
+    """Keywords for every item of the records, stored in their item table; returns the run's summary."""
     started = time.perf_counter()
     records = load_prepared(args.records_dir)
     if KEYWORDS_COLUMN in records.items and not args.overwrite:

@@ -20,7 +20,7 @@ from typing import Optional
 
 from thinkrec.data.preparation import PreparedRecords, RecordOptions, prepare_records, records_from_collm
 from thinkrec.data.readers import ColumnMapping, read_collm_splits, read_interaction_table, read_ml100k, read_recbole_atomic
-from thinkrec.data.records import OUTPUT_FORMATS, export_embeddings, push_prepared_to_hub, save_prepared
+from thinkrec.data.records import OUTPUT_FORMATS, export_embeddings, owned_files, push_prepared_to_hub, save_prepared
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import InputError
@@ -156,6 +156,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     check_not_inside(output.output_dir, input_paths(source, output))
     start = time.perf_counter()
     with output_lock(output.output_dir, f"prepare_data.py --output_dir {output.output_dir}"):
+        owned_files(Path(output.output_dir))  # a folder holding another command's output stops here, before reading
         logger.info("reading %s", source.data_path or source.source)
         records = build_records(source, options)
         if output.embeddings_from:

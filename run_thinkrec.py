@@ -49,7 +49,7 @@ from thinkrec.collaborative.training import history_matrix
 from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_items, load_records_dataset
-from thinkrec.evaluation.metrics import compute_metrics, format_metrics
+from thinkrec.evaluation.metrics import CI_RESAMPLES, compare_scores, compute_metrics, format_interval, format_metrics, interval_fields
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, reason_body, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
@@ -59,9 +59,9 @@ from thinkrec.training.run_folder import RunFolder, save_metrics
 from thinkrec.training.trainer import REPORTED_METRICS, ThinkRecTrainer, interleave_reasoning_rows, metrics_for
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
-from thinkrec.utils.distributed import map_over_ranks, synced_generation
-from thinkrec.utils.errors import InputError, MissingInputError
-from thinkrec.utils.files import LOCK_NAME, MANIFEST_NAME, atomic_write, output_lock, strict_json, write_json
+from thinkrec.utils.distributed import from_main_process, map_over_ranks, synced_generation
+from thinkrec.utils.errors import ExistingOutputError, InputError, MissingInputError
+from thinkrec.utils.files import LOCK_NAME, MANIFEST_NAME, atomic_write, check_not_inside, output_lock, strict_json, write_json
 from thinkrec.utils.subsets import seeded_subset, seeded_user_subset
 
 
@@ -533,6 +533,10 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
     not_cold = np.asarray(test["not_cold"])
     metrics = compute_metrics(user_ids, labels, scores, not_cold=not_cold)
     print(format_metrics(metrics, title=f"test ({len(test):,} rows)"))
+    metrics.update(interval_fields(user_ids, labels, scores, CI_RESAMPLES, training_args.seed))
+    print(f"95% intervals (bootstrap over users, {CI_RESAMPLES:,} resamples): "
+          + ", ".join(f"{name.upper()} {metrics[name]:.4f} [{metrics[name + '_ci95'][0]:.4f}, {metrics[name + '_ci95'][1]:.4f}]"
+                      for name in ("auc", "uauc")))
     out = Path(out or training_args.output_dir)
     predictions = pd.DataFrame(
         {"UserID": user_ids, "TargetItemID": np.asarray(test["TargetItemID"]), "label": labels,
@@ -549,9 +553,16 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
     if cf_scores is not None:
         predictions["cf_score"] = cf_scores  # the CF model's own logit (user vector · item vector)
         cf_metrics = compute_metrics(user_ids, labels, cf_scores, not_cold=not_cold)
+        cf_metrics.update(interval_fields(user_ids, labels, cf_scores, CI_RESAMPLES, training_args.seed))
+        # Paired: this model against the CF model on the same user resamples.
+        versus_cf = compare_scores(user_ids, labels, cf_scores, scores, ("auc", "uauc"), CI_RESAMPLES, training_args.seed,
+                                   names=(f"{cf_name} alone", "this model"))
         curves[f"{cf_name} alone"] = (labels, cf_scores)
         print(f"{cf_name.upper()} alone: AUC {cf_metrics['auc']:.4f}, UAUC {cf_metrics['uauc']:.4f}; "
               f"this model: AUC {metrics['auc']:.4f}, UAUC {metrics['uauc']:.4f}")
+        print(f"this model - {cf_name.upper()} alone (95%, paired bootstrap over users): "
+              + "; ".join(f"{name.upper()} {format_interval(entry['delta'], entry['ci95'])} {entry['verdict']}"
+                          for name, entry in versus_cf["metrics"].items()))
     if len(set(labels.tolist())) == 2:
         plot_roc_curves(curves, out / "roc_curve.png")
     if texts is not None:
@@ -580,6 +591,7 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
     result = {"test": strict_json(metrics)}
     if cf_metrics is not None:
         result["cf_alone"] = strict_json(cf_metrics)
+        result["vs_cf_alone"] = strict_json(versus_cf)
     write_json(result, out / "test_results.json")
     return result
 
@@ -599,10 +611,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if model_args.init_from and Path(model_args.init_from).resolve() == Path(training_args.output_dir).resolve():
         raise InputError(f"output_dir={training_args.output_dir} is init_from: a run replaces its output folder's model and "
                          "results, so write it to another folder.")
+    check_not_inside(training_args.output_dir, run_inputs(model_args, data_args))
     main_process = PartialState().is_main_process
-    # One run per folder: a second one stops here, naming the first (the lock dies with its process).
-    holding = output_lock(training_args.output_dir, f"run_thinkrec.py stage {training_args.stage}") if main_process else contextlib.nullcontext()
-    with holding:
+    with contextlib.ExitStack() as holding:
+        # One run per folder: a second one stops here, naming the first (the lock dies with its process). Only
+        # the main process holds it; every rank learns whether it got it, and they stop together if not.
+        refusal = None
+        if main_process:
+            try:
+                holding.enter_context(output_lock(training_args.output_dir, f"run_thinkrec.py stage {training_args.stage}"))
+            except InputError as error:
+                refusal = error
+        message = from_main_process(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise ExistingOutputError(message)
         folder = RunFolder(training_args.output_dir)
         if main_process:
             folder.begin()
@@ -613,6 +637,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 folder.discard()
             raise
     return results
+
+
+def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> list[str]:
+    """Every local file or folder the run reads (a Hub id is not one), which its output folder must not hold."""
+    paths = [data_args.records_dir, model_args.cf_checkpoint, model_args.init_from, data_args.reason_records,
+             data_args.template, data_args.reason_template, model_args.model_name_or_path]
+    return [path for path in paths if path and os.path.exists(path)]
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: ThinkRecTrainingArguments, folder: RunFolder) -> dict:
@@ -759,8 +790,10 @@ def run_logs(trainer, output_dir: str) -> list[str]:
     found = []
     for callback in trainer.callback_handler.callbacks:
         logging_dir = getattr(callback, "logging_dir", None)
-        if logging_dir and Path(logging_dir).resolve().is_relative_to(Path(output_dir).resolve()) and Path(logging_dir).is_dir():
-            found.append(Path(logging_dir).resolve().relative_to(Path(output_dir).resolve()).as_posix())
+        inside = Path(logging_dir).resolve() if logging_dir else None
+        # Strictly inside: a log folder that is output_dir itself (TENSORBOARD_LOGGING_DIR) is not the run's to remove.
+        if inside and Path(output_dir).resolve() in inside.parents and inside.is_dir():
+            found.append(inside.relative_to(Path(output_dir).resolve()).as_posix())
     return found
 
 

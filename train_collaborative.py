@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
     try:
         # One run per folder; its files are staged and moved in together, so a stopped run leaves the earlier one whole.
         with output_lock(training_args.output_dir, "train_collaborative.py"):
-            folder = RunFolder(training_args.output_dir)
+            folder = RunFolder(training_args.output_dir, owner="train_collaborative")
             folder.begin()
             try:
                 outcome = _train_and_save(model_args, data_args, training_args, folder.staging)

@@ -145,11 +145,33 @@ def test_a_failed_preparation_takes_its_tables_away_and_keeps_the_earlier_one(tm
         return real_write_table(*args, **kwargs)
 
     monkeypatch.setattr(records_module, "write_table", interrupted)
+    manifest_before = json.loads((output_dir / MANIFEST_NAME).read_text())
     with pytest.raises(KeyboardInterrupt):
         prepare_data.main(table_args(data_path, output_dir, max_history=2))
-    assert_inputs_unchanged({path: digest for path, digest in before.items() if LOCK_NAME not in path})
+    assert_inputs_unchanged({path: digest for path, digest in before.items() if LOCK_NAME not in path and MANIFEST_NAME not in path})
     assert set(file_hashes([output_dir])) == set(before)
+    assert json.loads((output_dir / MANIFEST_NAME).read_text()) == manifest_before
     assert leftovers(output_dir) == []
+
+
+def test_a_new_folder_whose_preparation_failed_is_removed(tmp_path, capsys, monkeypatch):
+    from thinkrec.data import records as records_module
+
+    data_path = write_log(tmp_path / "raw" / "ratings.csv")
+    output_dir = tmp_path / "p"
+    real_write_table = records_module.write_table
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the second table is written
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write_table(*args, **kwargs)
+
+    monkeypatch.setattr(records_module, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.main(table_args(data_path, output_dir))
+    assert not output_dir.exists()
 
 
 def test_a_command_that_fails_on_its_input_leaves_no_output_folder(tmp_path, capsys):
@@ -448,3 +470,109 @@ def test_collaborative_records_inside_the_output_dir_are_refused(assets, tmp_pat
     assert_one_line_error(outcome, "holds the input", str(output_dir / "records"))
     assert_inputs_unchanged(before)
     assert set(file_hashes([output_dir])) == set(before)
+
+
+# ------------------------------------------------------------------- inputs of runs, manifests, owners
+
+
+@pytest.mark.parametrize("which", ["records", "mf", "backbone"])
+def test_a_run_whose_output_dir_holds_one_of_its_inputs_is_refused(assets, tmp_path, capsys, which):
+    inputs = tmp_path / "inputs"
+    shutil.copytree(assets["records"], inputs / "records")
+    shutil.copytree(assets["mf"], inputs / "mf")
+    shutil.copytree(assets["backbone"], inputs / "backbone")
+    args = stage_args({"records": inputs / "records", "backbone": inputs / "backbone"}, inputs / which,
+                      cf_checkpoint=str(inputs / "mf"))
+    before = file_hashes([inputs])
+    outcome = run_main(run_thinkrec.main, [write_args(tmp_path, args)], capsys)
+    assert_one_line_error(outcome, f"output_dir={inputs / which}", "holds the input")
+    assert_inputs_unchanged(before)
+    assert set(file_hashes([inputs])) == set(before)
+
+
+@pytest.mark.parametrize("name", [".", "..", "../outside.txt", "/etc/hostname", "data/../../outside.txt"])
+def test_a_manifest_naming_a_path_outside_its_folder_is_refused(tmp_path, name):
+    from thinkrec.utils.errors import InputError
+    from thinkrec.utils.files import Manifest
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (tmp_path / "outside.txt").write_text("mine")
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": {name: "run_thinkrec"}, "state": "complete"}))
+    before = file_hashes([tmp_path])
+    with pytest.raises(InputError, match="is not a path inside"):
+        Manifest(folder, "run_thinkrec").remove_except(set())
+    assert_inputs_unchanged(before)
+
+
+def test_a_log_folder_that_is_the_output_dir_is_not_recorded_for_removal(assets, tmp_path, capsys, monkeypatch):
+    output_dir = tmp_path / "out"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(output_dir))
+    args = write_args(tmp_path, stage_args(assets, output_dir, report_to="tensorboard", max_steps=1))
+    assert run_main(run_thinkrec.main, [args], capsys).code == 0
+    assert "." not in json.loads((output_dir / MANIFEST_NAME).read_text())["files"]
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    again = write_args(tmp_path, stage_args(assets, output_dir, overwrite_output_dir=True, max_steps=1), "again.json")
+    assert run_main(run_thinkrec.main, [again], capsys).code == 0
+    assert (output_dir / "thinkrec_weights.safetensors").is_file()
+
+
+def test_a_folder_holding_another_commands_output_is_refused(assets, tmp_path, capsys):
+    """A model folder is not a records folder, nor a CF folder, nor the reverse: both cards are README.md."""
+    import train_collaborative
+
+    model_dir = tmp_path / "model"
+    assert run_main(run_thinkrec.main, [write_args(tmp_path, stage_args(assets, model_dir, do_predict=True))], capsys).code == 0
+    data_path = write_log(tmp_path / "raw" / "ratings.csv")
+    records_dir = tmp_path / "records"
+    assert run_main(prepare_data.main, table_args(data_path, records_dir), capsys).code == 0
+    before = {path: digest for path, digest in file_hashes([model_dir, records_dir]).items() if LOCK_NAME not in path}
+    cases = [
+        (prepare_data.main, table_args(data_path, model_dir), "run_thinkrec"),
+        (train_collaborative.main, cf_args(assets["records"], model_dir), "run_thinkrec"),
+        (run_thinkrec.main, [write_args(tmp_path, stage_args(assets, records_dir), "into_records.json")], "records"),
+    ]
+    for main, argv, owner in cases:
+        outcome = run_main(main, argv, capsys)
+        assert_one_line_error(outcome, "holds the output of another command", f"({owner}:")
+    assert_inputs_unchanged(before)
+    assert leftovers(model_dir) == [] and leftovers(records_dir) == []
+
+
+def test_keywords_into_a_records_folder_in_use_are_refused(tmp_path, capsys):
+    import extract_keywords
+
+    data_path = write_log(tmp_path / "raw" / "ratings.csv")
+    output_dir = tmp_path / "p"
+    assert run_main(prepare_data.main, table_args(data_path, output_dir), capsys).code == 0
+    before = {path: digest for path, digest in file_hashes([output_dir]).items() if LOCK_NAME not in path}
+    with output_lock(output_dir, "prepare_data.py (a second preparation)"):
+        outcome = run_main(extract_keywords.main, ["--records_dir", str(output_dir), "--method", "tfidf"], capsys)
+    assert_one_line_error(outcome, "in use by another run", "a second preparation")
+    assert_inputs_unchanged(before)
+
+
+def test_checkpoints_none_of_which_is_complete_stop_the_run_instead_of_training_from_step_0(assets, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    path = write_args(tmp_path, stage_args(assets, output_dir, max_steps=2))
+    assert run_main(run_thinkrec.main, [path], capsys).code == 0
+    for folder in output_dir.glob("checkpoint-*"):
+        (folder / "thinkrec_run_arguments.json").unlink()  # as when the save of each was stopped before its end
+    before = {path: digest for path, digest in file_hashes([output_dir]).items() if LOCK_NAME not in path and MANIFEST_NAME not in path}
+    outcome = run_main(run_thinkrec.main, [path], capsys)
+    assert_one_line_error(outcome, "none is complete", "checkpoint-2 (no thinkrec_run_arguments.json)", "overwrite_output_dir")
+    assert_inputs_unchanged(before)
+
+
+@pytest.mark.slow
+def test_two_ranks_refused_a_folder_in_use_both_stop_at_once(assets, tmp_path):
+    output_dir = tmp_path / "out"
+    path = write_args(tmp_path, stage_args(assets, output_dir))
+    environment = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "accelerate_configs" / "cpu_two_ranks.yaml"), str(REPO_ROOT / "run_thinkrec.py"), path]
+    with output_lock(output_dir, "run_thinkrec.py (the first run)"):
+        done = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("in use by another run (run_thinkrec.py (the first run)") == 2, done.stderr[-3000:]
+    assert not list(output_dir.glob("checkpoint-*"))

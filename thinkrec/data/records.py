@@ -199,18 +199,21 @@ def export_embeddings(records: PreparedRecords, cf_checkpoint_dir: os.PathLike |
     return {"dim": dim}
 
 
+RECORDS_OWNER = "records"  # prepare_data.py and extract_keywords.py write the same folder
+
+
 def owned_files(output_dir: Path) -> Manifest:
     """The manifest of `output_dir`; a folder prepared before manifests existed owns the files its
     `metadata.json` names (and only those)."""
-    manifest = Manifest(output_dir)
+    manifest = Manifest(output_dir, RECORDS_OWNER)
     metadata_path = output_dir / "metadata.json"
     if not manifest.path.is_file() and metadata_path.is_file():
         try:
             named = json.loads(metadata_path.read_text(encoding="utf-8")).get("files", {})
         except json.JSONDecodeError:
             named = {}
-        manifest.files.update(value for value in named.values() if isinstance(value, str))
-    return manifest
+        manifest.files.update({value: RECORDS_OWNER for value in named.values() if isinstance(value, str)})
+    return manifest.refuse_others()
 
 
 def publish_prepared(records: PreparedRecords, output_dir: Path, files: dict[str, str], manifest: Manifest) -> None:
@@ -249,7 +252,7 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
         files[name] = f"{folder}/{written}" if folder else written
         manifest.add(files[name])
 
-    earlier = set(manifest.files)
+    existed, earlier = manifest.path.is_file(), set(manifest.files)
     try:
         for split in SPLITS:
             write(split, records.splits[split], "data", split, features)
@@ -261,6 +264,11 @@ def save_prepared(records: PreparedRecords, output_dir: os.PathLike | str, outpu
     except BaseException:
         # Nothing points at this run's tables yet: take them away again, the earlier preparation stays whole.
         manifest.remove_except(earlier, only=lambda name: name in files.values())
+        if not existed:  # a new folder: leave nothing of this run, so the lock can take the folder away too
+            manifest.path.unlink(missing_ok=True)
+            for folder in ("data", "candidates"):
+                if (output_dir / folder).is_dir() and not any((output_dir / folder).iterdir()):
+                    (output_dir / folder).rmdir()
         raise
     records.metadata = dict(records.metadata, output_format=output_format)
     publish_prepared(records, output_dir, files, manifest)

@@ -78,11 +78,20 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, log) -> str | None:
     """The `checkpoint-N` of `output_dir` with the largest N that was saved to the end; the incomplete ones
     after it are skipped, and the log says which and why (they are written again when training reaches them)."""
     folders = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name.split("-")[-1].isdigit()]
+    problems = []
     for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
             return str(folder)
         log.warning("%s is incomplete (%s: its save was stopped part-way); skipped", folder, problem)
+        problems.append(f"{folder.name} ({problem})")
+    if problems:
+        # Starting over beside them would train from step 0 as if nothing were there; say so instead.
+        raise InputError(
+            f"{output_dir} holds checkpoints but none is complete: {', '.join(problems)} (a save stopped part-way, "
+            f"or checkpoints of another program). Set overwrite_output_dir to start anew (they are removed), or "
+            "choose another output_dir."
+        )
     return None
 
 

@@ -1,18 +1,19 @@
-"""A run_thinkrec output folder describes one run. The final files (weights, config, tokenizer, results,
-predictions, plots, card) are written into a staging folder inside it and moved in when the run ends; the
-files an earlier run left there and this one did not produce are removed then. A run that fails or is
-stopped leaves the earlier run's files as they were. Trainer's `checkpoint-N` folders (the resume state)
-stay where Trainer writes them."""
+"""An output folder of run_thinkrec.py or train_collaborative.py describes one run. The final files
+(weights, config, tokenizer, results, predictions, plots, card) are written into a staging folder inside
+it and moved in when the run ends; the files an earlier run of the same command left there and this one
+did not produce are removed then. A run that fails or is stopped before that leaves the earlier run's
+files as they were. Trainer's `checkpoint-N` folders (the resume state) stay where Trainer writes them."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from thinkrec.training.loading import read_config
+from thinkrec.utils.errors import InputError
 from thinkrec.utils.files import LOCK_NAME, MANIFEST_NAME, Manifest, write_json
 
 
@@ -35,12 +36,15 @@ KNOWN_OUTPUTS = (
 class RunFolder:
     """The output folder of one run_thinkrec run: `staging` receives the final files, `publish` moves them in."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, owner: str = "run_thinkrec"):
         self.directory = Path(output_dir)
+        self.owner = owner
         self.staging = self.directory / STAGING_NAME
 
     def begin(self) -> Path:
-        """An empty staging folder (a killed run's leftover one is removed: the run holds the folder's lock)."""
+        """An empty staging folder (a killed run's leftover one is removed: the run holds the folder's lock);
+        stops first when the folder holds another command's output."""
+        self._owned()
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
@@ -51,18 +55,19 @@ class RunFolder:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _owned(self) -> Manifest:
-        manifest = Manifest(self.directory)
-        if not manifest.path.is_file() and _is_thinkrec_folder(self.directory):
-            manifest.files.update(name for name in KNOWN_OUTPUTS if (self.directory / name).exists())
-        return manifest
+        manifest = Manifest(self.directory, self.owner)
+        if not manifest.path.is_file() and self.owner == "run_thinkrec" and _is_thinkrec_folder(self.directory):
+            manifest.files.update({name: self.owner for name in KNOWN_OUTPUTS if (self.directory / name).exists()})
+        return manifest.refuse_others()
 
-    def publish(self, extra: tuple[str, ...] = ()) -> list[str]:
+    def publish(self, extra: tuple[str, ...] = ()) -> None:
         """Move the staged files into the folder and remove what an earlier run left that this one did not
         write (never a file the project did not write); `extra` names other files of this run already in the
-        folder (e.g. its log folder). Returns the names now in the folder from this run."""
+        folder (e.g. its log folder)."""
         manifest = self._owned()
         names = sorted(entry.name for entry in self.staging.iterdir())
-        # While files move, the manifest lists both runs' files and says so: a stop here is seen and cleaned next time.
+        # While files move, the manifest lists both runs' files and says "publishing": loading the folder refuses
+        # it then (its files may come from two runs), and the next run of the command cleans it.
         manifest.add(*names, *extra, state="publishing")
         for name in names:
             target = self.directory / name
@@ -75,16 +80,13 @@ class RunFolder:
         manifest.save(state="complete")
         if removed:
             logger.info("%s: removed %s, left by an earlier run and not written by this one", self.directory, removed)
-        return names
 
 
 def _is_thinkrec_folder(directory: Path) -> bool:
-    config = directory / "config.json"
-    if not config.is_file():
-        return False
+    """Whether `directory` holds a ThinkRec model's config.json (a folder written before manifests existed)."""
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "thinkrec"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return read_config(directory, "output_dir").get("model_type") == "thinkrec"
+    except InputError:
         return False
 
 

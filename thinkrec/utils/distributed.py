@@ -35,3 +35,13 @@ def synced_generation() -> bool:
     """Whether `generate` must keep every rank stepping until all have finished (several ranks: a rank
     whose rows all stopped still takes part in the others' collective forwards)."""
     return PartialState().num_processes > 1
+
+
+def from_main_process(value):
+    """`value` as the main process has it, on every rank (a decision only the main process can take, such
+    as whether it got the output folder's lock, so every rank acts on it alike)."""
+    from accelerate.utils import broadcast_object_list
+
+    if PartialState().num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]

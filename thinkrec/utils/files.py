@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -39,7 +38,15 @@ def _temporary_file(directory: Path, name: str) -> Iterator[str]:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read from /proc where it is there (setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -125,48 +132,78 @@ LOCK_NAME = ".thinkrec.lock"
 
 
 class Manifest:
-    """The files the project's commands wrote into a folder (paths relative to it), kept in
-    `.thinkrec_manifest.json`. A command removes only files listed here, never a file it did not write;
-    each file is recorded as soon as it is written, so a run stopped half-way still owns what it left."""
+    """The files the project's commands wrote into a folder (paths relative to it), each with the command
+    kind that wrote it (`owner`), kept in `.thinkrec_manifest.json`. A command removes only files listed
+    here under its own owner, never a file it did not write nor another command's output; each file is
+    recorded right after it is written, so a run stopped half-way still owns what it left (a kill between
+    the write and the record leaves one file unowned, which is then kept, never removed)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, owner: str):
         self.directory = Path(directory)
+        self.owner = owner
         self.path = self.directory / MANIFEST_NAME
-        self.files: set[str] = set()
+        self.files: dict[str, str] = {}
         self.state = "complete"
         if self.path.is_file():
             try:
                 saved = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise InputError(f"{self.path}: not valid JSON ({error}); it lists the files this project wrote into "
-                                 f"{self.directory}. Remove it only if that folder holds nothing of yours.") from None
-            self.files = set(saved.get("files", []))
+                files = saved["files"]
+                if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+                    raise TypeError(f"files is a {type(files).__name__}")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+                raise InputError(f"{self.path}: not a manifest of this project ({error!r}); it lists the files the project "
+                                 f"wrote into {self.directory}. Remove it only if that folder holds nothing of yours.") from None
+            self.files = dict(files)
             self.state = saved.get("state", "complete")
+
+    def refuse_others(self) -> "Manifest":
+        """Stop when the folder holds another command's output: a folder is one command's (a model's card and
+        a dataset card are both README.md, and neither may replace the other)."""
+        others = sorted((owner, name) for name, owner in self.files.items() if owner != self.owner)
+        if others:
+            owner, name = others[0]
+            raise ExistingOutputError(f"{self.directory} holds the output of another command ({owner}: {name} and "
+                                      f"{len(others) - 1} more); write into a folder of its own.")
+        return self
+
+    def owned(self) -> set[str]:
+        """The names recorded under this manifest's owner."""
+        return {name for name, owner in self.files.items() if owner == self.owner}
 
     def save(self, state: Optional[str] = None) -> None:
         self.state = state or self.state
-        write_json({"files": sorted(self.files), "state": self.state, "command": Path(sys.argv[0]).name,
-                    "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, self.path)
+        write_json({"files": dict(sorted(self.files.items())), "state": self.state}, self.path)
 
     def add(self, *names: str, state: Optional[str] = None) -> None:
-        """Record `names` (paths relative to the folder) as written by the project."""
-        self.files.update(Path(name).as_posix() for name in names)
+        """Record `names` (paths relative to the folder) as written by this owner."""
+        for name in names:
+            self.files[self._checked(name)] = self.owner
         self.save(state)
 
+    def _checked(self, name: str) -> str:
+        """`name` as a relative path strictly inside the folder (never `.`, `..`, absolute or escaping it)."""
+        path = Path(name)
+        inside = (self.directory / path).resolve()
+        if path.is_absolute() or ".." in path.parts or not path.parts or path.as_posix() == "." \
+                or self.directory.resolve() not in inside.parents:
+            raise InputError(f"{self.path}: {name!r} is not a path inside {self.directory}; the manifest names only the "
+                             "files a command wrote into the folder.")
+        return path.as_posix()
+
     def remove_except(self, keep: Iterable[str], only: Callable[[str], bool] = lambda name: True) -> list[str]:
-        """Delete the recorded files (or folders) that `only` selects and `keep` (names relative to the folder)
-        does not name; returns them. Nothing that the manifest does not list is touched."""
+        """Delete this owner's recorded files (or folders) that `only` selects and `keep` (names relative to
+        the folder) does not name; returns them. Nothing the manifest does not list under this owner is touched."""
         keep = {Path(name).as_posix() for name in keep}
         removed = []
-        for name in sorted(self.files):
+        for name in sorted(self.owned()):
             if name in keep or not only(name):
                 continue
-            target = self.directory / name
+            target = self.directory / self._checked(name)
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             elif target.exists() or target.is_symlink():
                 target.unlink()
-            self.files.discard(name)
+            del self.files[name]
             removed.append(name)
         if removed:
             self.save()
@@ -194,11 +231,18 @@ def output_lock(directory: str | os.PathLike, purpose: str) -> Iterator[Path]:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"{path}: cannot open the folder's lock file ({error.strerror}); the folder must be writable "
+                         "by whoever runs in it.") from None
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise InputError(f"{directory}: its file system does not support file locks ({error.strerror}), so a second "
+                                 "run on the folder could not be stopped; choose an output folder on a local disk.") from None
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             handle.seek(0)
