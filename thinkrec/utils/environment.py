@@ -7,10 +7,11 @@ import os
 import platform
 
 
-# The 1-minute load average when the benchmark started (this module is imported at its top), before the
-# benchmark's own work raised it.
+# The 1-minute load average when this module was imported (at the top of a benchmark, before its own work;
+# the imports before it are counted).
 LOAD_AT_START = round(os.getloadavg()[0], 2)
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "numpy", "scikit-learn")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "huggingface_hub", "safetensors",
+            "numpy", "pandas", "pyarrow", "scikit-learn")
 
 
 def package_versions() -> dict[str, str | None]:
