@@ -70,3 +70,54 @@ def test_a_bad_argument_value_stops_the_command_before_anything_loads(command, v
     assert_one_line_error(outcome, *needles)
     assert_inputs_unchanged(before)
     assert not output_dir.exists() or not any(output_dir.iterdir()), sorted(output_dir.rglob("*"))
+
+
+# Text the file holds as written: NaN / Infinity are not JSON, and a key given twice has no one value.
+RAW_CASES = [
+    ("learning-rate-NaN", '{{"records_dir": "{records}", "output_dir": "{output}", "learning_rate": NaN}}',
+     ("args.json", "learning_rate", "NaN", "not JSON")),
+    ("weight-decay-minus-Infinity", '{{"records_dir": "{records}", "output_dir": "{output}", "weight_decay": -Infinity}}',
+     ("args.json", "weight_decay", "-Infinity", "not JSON")),
+    ("NaN-inside-a-list", '{{"records_dir": "{records}", "output_dir": "{output}", "expert_layers": [1, NaN]}}',
+     ("args.json", "expert_layers", "NaN", "not JSON")),
+    ("key-given-twice", '{{"records_dir": "{records}", "output_dir": "{output}", "seed": 1, "seed": 2}}',
+     ("args.json", "'seed'", "twice")),
+    ("key-given-twice-in-a-nested-object",
+     '{{"records_dir": "{records}", "output_dir": "{output}", "fsdp_config": {{"version": 2, "version": 1}}}}',
+     ("args.json", "'version'", "twice")),
+]
+
+
+@pytest.mark.parametrize("text, needles", [case[1:] for case in RAW_CASES], ids=[case[0] for case in RAW_CASES])
+def test_a_file_that_is_not_strict_json_stops_the_command_naming_the_key(text, needles, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    path = tmp_path / "args.json"
+    path.write_text(text.format(records=tmp_path / "missing-records", output=output_dir))
+    before = file_hashes([path])
+    outcome = run_main(run_thinkrec.main, [str(path)], capsys)
+    assert_one_line_error(outcome, *needles)
+    assert_inputs_unchanged(before)
+    assert not output_dir.exists() or not any(output_dir.iterdir()), sorted(output_dir.rglob("*"))
+
+
+# Values transformers accepts though the field's annotation is narrower: they pass the type check, and the
+# command goes on until it finds that records_dir does not exist.
+WIDER_CASES = [
+    ("fsdp-true", {"fsdp": True}),
+    ("fsdp-a-list-of-options", {"fsdp": ["full_shard", "auto_wrap"]}),
+    ("fsdp-a-string-of-options", {"fsdp": "full_shard auto_wrap"}),
+    ("debug-null", {"debug": None}),
+    ("accelerator-config-an-object", {"accelerator_config": {"split_batches": False}}),
+    ("report-to-a-list", {"report_to": ["none"]}),
+]
+
+
+@pytest.mark.parametrize("values", [case[1] for case in WIDER_CASES], ids=[case[0] for case in WIDER_CASES])
+def test_a_value_transformers_accepts_passes_the_type_check(values, tmp_path, capsys):
+    path = tmp_path / "args.json"
+    records = tmp_path / "missing-records"
+    path.write_text(json.dumps({"records_dir": str(records), **values, "output_dir": str(tmp_path / "out")}))
+    before = file_hashes([path])
+    outcome = run_main(run_thinkrec.main, [str(path), "--seed", "1"], capsys)
+    assert_one_line_error(outcome, str(records))
+    assert_inputs_unchanged(before)

@@ -8,7 +8,9 @@ Arguments come as a `.json` file, as flags, or as a `.json` file followed by fla
     python run_thinkrec.py args.json --learning_rate 5e-4 --output_dir outputs/try2
 
 Unknown keys in the file and unknown flags are errors, never ignored. Every value in the file must be
-of its field's declared type: JSON has numbers, booleans and null, so nothing in it is converted.
+of its field's declared type (or of a wider one transformers accepts: `WIDER_TRAINING_TYPES`): JSON has
+numbers, booleans and null, so nothing in it is converted. The file is strict JSON: `NaN` / `Infinity`
+and a key given twice are errors naming the key.
 """
 
 import dataclasses
@@ -35,7 +37,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Optional[list[str]] = None
     path = os.path.abspath(argv[0])
     try:
         with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
+            values = json.load(handle, parse_constant=_NotJson, object_pairs_hook=_strict_object(argv[0]))
     except FileNotFoundError:
         raise InputError(f"{argv[0]}: no such arguments file.") from None
     except json.JSONDecodeError as error:
@@ -68,6 +70,42 @@ def parse_args(dataclass_types: Sequence[type], argv: Optional[list[str]] = None
     return parser.parse_dict(given, allow_extra_keys=False)
 
 
+class _NotJson:
+    """A `NaN`, `Infinity` or `-Infinity` that `json.load` read (Python's json accepts them; strict JSON has none)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _not_json_in(value: Any) -> Optional[str]:
+    """How the first `_NotJson` in `value` (a JSON value, lists searched) is written, or None."""
+    if isinstance(value, _NotJson):
+        return value.text
+    if isinstance(value, list):
+        return next((text for text in map(_not_json_in, value) if text is not None), None)
+    return None  # an object's values were checked when it was read
+
+
+def _strict_object(label: str) -> Callable[[list[tuple[str, Any]]], dict]:
+    """`json.load`'s object_pairs_hook for the file `label`: a key given twice, or a value holding NaN /
+    Infinity, is an `InputError` naming the key."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict:
+        values: dict = {}
+        for key, value in pairs:
+            if key in values:
+                raise InputError(f"{label}: key {key!r} is given twice; a JSON object holds one value per key, so keep the "
+                                 "one you mean.")
+            constant = _not_json_in(value)
+            if constant is not None:
+                raise InputError(f"{label}: {key} holds {constant}, which is not JSON (strict JSON has no NaN or Infinity); "
+                                 "write a number, or null where the field allows it.")
+            values[key] = value
+        return values
+
+    return build
+
+
 class _FromFile:
     """The default of a flag whose value the arguments file gives."""
 
@@ -86,14 +124,34 @@ def _parse_flags(parser: HfArgumentParser, argv: list[str]) -> tuple[Any, ...]:
     return tuple(instances)
 
 
+# TrainingArguments fields that accept more JSON values than their annotation says (transformers 5.24), each
+# with the types added to it. `fsdp: str | None` also takes true (what a bare --fsdp gives) and a list of
+# FSDP options such as ["full_shard", "auto_wrap"] (TrainingArguments._process_fsdp_args reads both);
+# `debug: str | list[DebugOption]` also takes null (__post_init__ makes it []). The other dict / str fields
+# (fsdp_config, deepspeed, accelerator_config, lr_scheduler_kwargs, ...) and report_to already declare all
+# they accept.
+WIDER_TRAINING_TYPES = {"fsdp": (bool, list[str]), "debug": (type(None),)}
+
+
+def _is_training_arguments(dataclass_type: type) -> bool:
+    """Whether `dataclass_type` is (a subclass of) transformers' TrainingArguments; its module is imported
+    by then, and is not imported here for commands that have none (it costs seconds)."""
+    module = sys.modules.get("transformers.training_args")
+    return module is not None and issubclass(dataclass_type, module.TrainingArguments)
+
+
 def _check_types(label: str, values: dict[str, Any], dataclass_types: Sequence[type]) -> None:
     """Raise an `InputError` naming `label` and the first of `values` (from a JSON file) that is not of its
-    field's declared type; types this cannot check precisely (Any, other classes) let any value through."""
+    field's declared type (widened by `WIDER_TRAINING_TYPES`); types this cannot check precisely (Any, other
+    classes) let any value through."""
     declared = {}
     for dataclass_type in dataclass_types:
         # Not Field.type: HfArgumentParser overwrites it with the one type its flag parses (Optional[int] -> int).
         hints = get_type_hints(dataclass_type)
         declared.update({item.name: hints[item.name] for item in dataclasses.fields(dataclass_type) if item.init})
+        if _is_training_arguments(dataclass_type):
+            declared.update({name: Union[(declared[name], *extra)] for name, extra in WIDER_TRAINING_TYPES.items()
+                             if name in declared})
     for name, value in values.items():
         if _conforms(value, declared[name]) is False:
             raise InputError(f"{label}: {name} must be {_describe(declared[name])}, found {_found(value)}"
@@ -185,7 +243,7 @@ def _unquoted_hint(value: Any, hint: Any) -> str:
         return ""
     for text in dict.fromkeys((value.strip(), value.strip().lower())):
         try:
-            unquoted = json.loads(text)
+            unquoted = json.loads(text, parse_constant=_NotJson)  # "NaN" is no number to write unquoted
         except json.JSONDecodeError:
             continue
         if _conforms(unquoted, hint):
