@@ -8,6 +8,7 @@ whole or half-written, was left."""
 
 import json
 import os
+import re
 import shutil
 import socket
 from contextlib import ExitStack
@@ -26,7 +27,10 @@ import extract_keywords
 import reflect
 from modeling_thinkrec import TRAINED_WEIGHTS_NAME, ThinkRecForCausalLM
 from thinkrec.collaborative.models import load_cf_checkpoint
+from thinkrec.reasons import judge
 from thinkrec.training import loading
+from thinkrec.utils.errors import MissingInputError
+from thinkrec.utils.files import LOCK_NAME, MANIFEST_NAME
 
 
 SECRET = "sk-bad-inputs-0123456789"  # the API key: it must never appear in a message
@@ -176,6 +180,23 @@ def relative_backbone_path_missing_offline(ctx):
                 ("model_name_or_path", "no such folder outputs/stage1", "HF_HUB_OFFLINE"))
 
 
+def online(run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with HF_HUB_OFFLINE off (the case runner turns it on; it restores it afterwards)."""
+    import huggingface_hub.constants
+
+    def call():
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
+        return run()
+    return call
+
+
+def relative_backbone_path_missing_online(ctx):
+    # Without HF_HUB_OFFLINE, "outputs/stage1" is still a folder that is not there when outputs/ is a local folder.
+    (ctx.tmp / "outputs").mkdir()
+    return Case(online(lambda: loading.load_language_model("outputs/stage1", "model_name_or_path")), [],
+                ("model_name_or_path", "no such folder outputs/stage1", "outputs/"))
+
+
 def init_from_missing(ctx):
     path = str(ctx.tmp / "runs" / "stage1")
     return Case(lambda: loading.load_checkpoint(path, "init_from"), [], ("init_from", f"no such folder {path}"))
@@ -273,6 +294,18 @@ def checkpoint_without_tokenizer(ctx):
     return Case(reflect_on(ctx, model).run, [model], (f"model_dir={model}", "tokenizer.json"))
 
 
+def stopped_while_publishing(load):
+    def case(ctx):
+        # A run stopped between moving its first and its last final file in: the folder may mix two runs.
+        model = ctx.copy("model")
+        names = sorted(entry.name for entry in model.iterdir())
+        (model / MANIFEST_NAME).write_text(json.dumps({"files": {name: "run_thinkrec" for name in names}, "state": "publishing"}))
+        run = reflect_on(ctx, model).run if load == "reflect" else lambda: loading.load_checkpoint(str(model), "init_from")
+        field = "model_dir" if load == "reflect" else "init_from"
+        return Case(run, [model], (f"{field}={model}", "manifest state 'publishing'", "two runs", "again to finish it"))
+    return case
+
+
 CASES = [
     pytest.param(keywords_server_down, id="keywords-remote-connection-refused"),
     pytest.param(keywords_5xx_on_every_try, id="keywords-remote-http-503-on-every-try"),
@@ -284,6 +317,7 @@ CASES = [
     pytest.param(reasons_no_usable_answer, id="reflect-remote-no-usable-reason"),
     pytest.param(backbone_path_missing, id="model_name_or_path-no-such-folder"),
     pytest.param(relative_backbone_path_missing_offline, id="model_name_or_path-relative-no-such-folder-offline"),
+    pytest.param(relative_backbone_path_missing_online, id="model_name_or_path-relative-no-such-folder-online"),
     pytest.param(init_from_missing, id="init_from-no-such-folder"),
     pytest.param(teacher_model_missing, id="teacher_model-no-such-folder"),
     pytest.param(trained_weights(truncate), id="thinkrec-weights-truncated"),
@@ -295,6 +329,8 @@ CASES = [
     pytest.param(cf_tables(pickled), id="cf-checkpoint-tables-pickled"),
     pytest.param(checkpoint_without_weights, id="checkpoint-folder-without-weights"),
     pytest.param(checkpoint_without_tokenizer, id="checkpoint-folder-without-tokenizer"),
+    pytest.param(stopped_while_publishing("reflect"), id="checkpoint-folder-stopped-while-publishing-reflect"),
+    pytest.param(stopped_while_publishing("init_from"), id="checkpoint-folder-stopped-while-publishing-init_from"),
 ]
 
 
@@ -308,7 +344,9 @@ def test_bad_teacher_or_model_input_is_one_line_and_changes_nothing(make_case, a
     with ExitStack() as stack:
         case = make_case(Context(tmp_path, assets, stack))
         watched = [tmp_path, assets]
-        before, files_before = file_hashes(case.inputs), set(file_hashes(watched))
+        # The folder lock a command holds on the records it rewrites is the project's, not an input: it names the run.
+        before = {path: digest for path, digest in file_hashes(case.inputs).items() if Path(path).name != LOCK_NAME}
+        files_before = set(file_hashes(watched))
         outcome = run_main(lambda argv: case.run(), [], capsys)
     assert_one_line_error(outcome, *case.needles)
     assert SECRET not in outcome.stderr
@@ -328,3 +366,49 @@ def test_from_pretrained_alone_names_a_broken_weights_file(assets, tmp_path):
     with pytest.raises(OSError, match=f"{model / TRAINED_WEIGHTS_NAME}: not a valid safetensors file"):
         ThinkRecForCausalLM.from_pretrained(str(model))
     assert_inputs_unchanged(before)
+
+
+def test_a_hub_id_stays_a_hub_id_unless_it_is_shaped_like_a_local_path(tmp_path, monkeypatch):
+    """Online, a missing path is 'no such folder' when it starts with '.', '/' or '~' or its first part is a local
+    folder; otherwise it is a Hub id, left to from_pretrained."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "notes").write_text("a file, not a folder")
+    assert loading.model_source("HuggingFaceTB/SmolLM2-135M", "model_name_or_path") == "HuggingFaceTB/SmolLM2-135M"
+    assert loading.model_source("notes/model", "model_name_or_path") == "notes/model"
+    for path in ("outputs/stage1", "./stage1", ".hidden/stage1", "/no/such/stage1", "~/no-such-stage1"):
+        with pytest.raises(MissingInputError, match=f"model_name_or_path={re.escape(path)}: no such folder"):
+            loading.model_source(path, "model_name_or_path")
+
+
+# Files transformers' tokenizers ship alone (VOCAB_FILES_NAMES across its models), and pairs that go together.
+TOKENIZERS_ALONE = [("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("sentencepiece.bpe.model",), ("spm.model",),
+                    ("tekken.json",), ("vocab.txt",), ("vocab.json", "merges.txt")]
+
+
+@pytest.mark.parametrize("names", TOKENIZERS_ALONE, ids=["+".join(names) for names in TOKENIZERS_ALONE])
+def test_a_folder_with_any_tokenizer_file_holds_a_tokenizer(names, tmp_path):
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    loading.check_tokenizer(tmp_path, "model_dir")
+
+
+def test_a_bpe_vocabulary_without_its_merges_is_no_tokenizer(tmp_path):
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(MissingInputError, match=rf"model_dir={re.escape(str(tmp_path))}: no tokenizer.*vocab.json without merges.txt"):
+        loading.check_tokenizer(tmp_path, "model_dir")
+
+
+def test_the_judge_encoder_loads_through_the_one_load_path(assets, monkeypatch):
+    """The sentence encoder is an AutoModel loaded by load_language_model, with its checks (not a second copy of them)."""
+    from transformers import AutoModel
+
+    calls = []
+    original = loading.load_language_model
+    monkeypatch.setattr(loading, "load_language_model", lambda *args, **kwargs: calls.append((args, kwargs)) or original(*args, **kwargs))
+    tokenizer, model = judge._encoder.__wrapped__(str(assets / "backbone"))
+    assert calls == [((str(assets / "backbone"), "embedding_model"), {"model_class": AutoModel})]
+    assert not hasattr(model, "lm_head") and not model.training and tokenizer is not None

@@ -157,14 +157,13 @@ def minilm_dir() -> Path:
 
 @lru_cache(maxsize=2)
 def _encoder(model_dir: str):
+    """(tokenizer, encoder in eval mode) of a sentence-embedding model, through the one load path."""
     from transformers import AutoModel
 
-    from thinkrec.training.loading import check_model_folder, load_tokenizer, model_source
+    from thinkrec.training import loading
 
-    source = model_source(model_dir, "embedding_model")
-    if Path(source).is_dir():
-        check_model_folder(source, "embedding_model")
-    return load_tokenizer(source, "embedding_model"), AutoModel.from_pretrained(source).eval()
+    model = loading.load_language_model(model_dir, "embedding_model", model_class=AutoModel)
+    return loading.load_tokenizer(model_dir, "embedding_model"), model.eval()
 
 
 def sentence_embeddings(texts: Sequence[str], model_dir: Optional[str] = None, batch_size: int = 64) -> np.ndarray:

@@ -2,7 +2,7 @@
 ThinkRec checkpoint (whose small format rebuilds its base with them) or a teacher, and the checks that
 turn a bad model input into one message naming the field, the folder or the file (an `InputError`)
 before transformers would fail with a traceback: a path that does not exist, a folder without its
-config, weights or tokenizer, a safetensors file that is truncated, empty or a pickle under another
+config, weights or tokenizer, a checkpoint folder a run stopped publishing into, a safetensors file that is truncated, empty or a pickle under another
 name (never unpickled)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from thinkrec.utils.dtypes import DTYPES
 from thinkrec.utils.errors import InputError, MissingInputError
+from thinkrec.utils.files import Manifest
 
 
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -23,8 +24,11 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # A PEFT adapter folder (no config.json: transformers loads the base its adapter_config.json names).
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# At least one of these makes a folder hold a tokenizer (fast, sentencepiece, BPE or WordPiece vocabulary).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# The files, or sets of files, that make a folder hold a tokenizer: a fast tokenizer, the sentencepiece models
+# transformers' tokenizers name (llama, T5, XLM-R/mBART, DeBERTa-v2), a tiktoken or Mistral tekken vocabulary,
+# a byte-level BPE vocabulary with its merges (GPT-2), a WordPiece vocabulary (BERT).
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("sentencepiece.bpe.model",), ("spm.model",),
+                   ("sentencepiece.model",), ("tiktoken.model",), ("tekken.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 
 
 def default_dtype() -> torch.dtype:
@@ -73,7 +77,8 @@ def load_kwargs(dtype: str = "auto", load_in_4bit: bool = False, attn_implementa
 
 def model_source(name_or_path: str | os.PathLike, field: str) -> str:
     """`name_or_path` (with `~` expanded) when it is a local folder or a Hub id that can be resolved; a
-    `MissingInputError` naming `field` when it is a path that does not exist, or, with HF_HUB_OFFLINE=1,
+    `MissingInputError` naming `field` when it is a path that does not exist (it starts with `.`, `/` or
+    `~`, or its first part is a local folder, as `outputs/` of `outputs/stage1`), or, with HF_HUB_OFFLINE=1,
     neither a folder nor a Hub model in the local cache."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -84,6 +89,12 @@ def model_source(name_or_path: str | os.PathLike, field: str) -> str:
         return path
     if os.path.exists(path):
         raise MissingInputError(f"{field}={given}: a file, not a model folder (config.json and weights) or a Hub id.")
+    if given.startswith((".", "/", "~")):
+        raise MissingInputError(f"{field}={given}: no such folder {given}.")
+    first = Path(given).parts[0] if Path(given).parts else given
+    if first != given and os.path.isdir(first):
+        raise MissingInputError(f"{field}={given}: no such folder {given} ({first}/ is a folder here, so this is a local "
+                                "path, not a Hub id).")
     try:
         validate_repo_id(given)
     except HFValidationError:
@@ -156,25 +167,34 @@ def check_model_folder(folder: str | os.PathLike, field: str) -> None:
 
 
 def check_tokenizer(folder: str | os.PathLike, field: str) -> None:
-    """The folder holds a tokenizer; else an error naming it (transformers would suggest installing
-    sentencepiece instead)."""
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        raise MissingInputError(f"{field}={folder}: no tokenizer in the folder (no {TOKENIZER_FILES[0]}, nor "
-                                f"{', '.join(TOKENIZER_FILES[1:])}); save the tokenizer with the model.")
+    """The folder holds a tokenizer (one of `TOKENIZER_FILES`); else an error naming it (transformers would
+    suggest installing sentencepiece instead)."""
+    present = [[(Path(folder) / name).is_file() for name in names] for names in TOKENIZER_FILES]
+    if any(all(found) for found in present):
+        return
+    partial = [f"{' and '.join(n for n, f in zip(names, found) if f)} without "
+               f"{' and '.join(n for n, f in zip(names, found) if not f)}"
+               for names, found in zip(TOKENIZER_FILES, present) if any(found)]
+    expected = ", ".join(" with ".join(names) for names in TOKENIZER_FILES[1:])
+    found = f"; it has {', '.join(partial)}" if partial else ""
+    raise MissingInputError(f"{field}={folder}: no tokenizer in the folder (no {TOKENIZER_FILES[0][0]}, nor {expected}"
+                            f"{found}); save the tokenizer with the model.")
 
 
 # ------------------------------------------------------------------------------------------- loads
 
 
-def load_language_model(name_or_path: str, field: str, **kwargs):
-    """`AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)` after the checks of a local folder
-    (config, weights, whole safetensors files); errors name `field` (e.g. "model_name_or_path")."""
-    from transformers import AutoModelForCausalLM
+def load_language_model(name_or_path: str, field: str, model_class=None, **kwargs):
+    """`model_class.from_pretrained(name_or_path, **kwargs)` (default AutoModelForCausalLM; AutoModel for an
+    encoder) after the checks of a local folder (config, weights, whole safetensors files); errors name
+    `field` (e.g. "model_name_or_path")."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
 
     source = model_source(name_or_path, field)
     if os.path.isdir(source):
         check_model_folder(source, field)
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model_class.from_pretrained(source, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, field: str, **kwargs):
@@ -189,13 +209,20 @@ def load_tokenizer(name_or_path: str, field: str, **kwargs):
 
 def load_checkpoint(folder: str, field: str, **kwargs):
     """(model, tokenizer) of a ThinkRec checkpoint folder (`init_from`, reflect.py's `model_dir`), with
-    `ThinkRecForCausalLM.from_pretrained(folder, **kwargs)`. Checked first: the config, the weights
+    `ThinkRecForCausalLM.from_pretrained(folder, **kwargs)`. Checked first: that no run stopped while
+    publishing into it (its manifest), the config, the weights
     (`thinkrec_weights.safetensors`, or a full `model.safetensors`), the tokenizer and, for the small
     format, the base it is rebuilt from (`base_model_name_or_path=` in kwargs, else the config's)."""
     from modeling_thinkrec import TRAINED_WEIGHTS_NAME, ThinkRecForCausalLM
 
     source = model_source(folder, field)
     if os.path.isdir(source):
+        manifest = Manifest(source, owner="")  # only read: an owner matters to what a run writes
+        if manifest.state == "publishing":
+            commands = "/".join(sorted(set(manifest.files.values()))) or "that command"
+            raise InputError(f"{field}={folder}: a run stopped while moving its final files in (manifest state 'publishing'); "
+                             f"its files may come from two runs. Run that command ({commands}, output_dir={folder}) again "
+                             "to finish it.")
         config = read_config(source, field, "ThinkRec model folder")
         # The small format, else every weight (save_pretrained(..., full_weights=True)).
         check_weights(source, field, (TRAINED_WEIGHTS_NAME, "model.safetensors", "model.safetensors.index.json"))
