@@ -79,7 +79,11 @@ class Context:
 
     def server(self, answer) -> str:
         """The URL of a scripted server answering every request with `answer`."""
-        return self.stack.enter_context(ScriptedServer({"Film": [answer]})).url
+        return self.server_then(answer)
+
+    def server_then(self, *answers) -> str:
+        """The URL of a scripted server giving `answers` in turn, the last one to every later request."""
+        return self.stack.enter_context(ScriptedServer({"Film": list(answers)})).url
 
 
 def closed_port_url() -> str:
@@ -134,6 +138,17 @@ def keywords_no_usable_answer(ctx):
     return Case(case.run, case.inputs, (str(records), "no item got a keyword"))
 
 
+def keywords_server_stops_answering(ctx):
+    # The first request is answered, then every one fails: two waves (of one request) in a row are an outage.
+    case = remote_keywords(ctx, ctx.server_then(("ok", "heist, crime"), ("status", 503)), "--max_retries", "0", "--concurrency", "1")
+    return Case(case.run, case.inputs, ("127.0.0.1", "became unreachable", "2 requests in a row", "HTTP 503", "not sent"))
+
+
+def keywords_url_without_scheme(ctx):
+    case = remote_keywords(ctx, "localhost:8080/v1")
+    return Case(case.run, case.inputs, ("base_url='localhost:8080/v1'", "http://"))
+
+
 # ------------------------------------------------------------------------------- reason teacher
 
 
@@ -164,6 +179,20 @@ def reasons_no_usable_answer(ctx):
     case = remote_reasons(ctx, ctx.server(("ok", "The user might like it.")), "--max_retries", "0")
     output = case.inputs[0] / "reasons.parquet"
     return Case(case.run, case.inputs, ("none of the", "usable reason", str(output)))
+
+
+def reasons_server_stops_answering(ctx):
+    # Its one answer is cached (the rerun resumes from it): the cache is the only file that may change.
+    case = remote_reasons(ctx, ctx.server_then(("ok", "Yes. It fits."), ("status", 503)), "--max_retries", "0",
+                          "--concurrency", "1")
+    reasons = case.inputs[0]
+    inputs = [path for path in reasons.iterdir() if path.name != "reasons.cache.jsonl"] + case.inputs[1:]
+    return Case(case.run, inputs, ("127.0.0.1", "became unreachable", "HTTP 503", "reasons.cache.jsonl", "again"))
+
+
+def reasons_url_without_scheme(ctx):
+    case = remote_reasons(ctx, "localhost:8080/v1")
+    return Case(case.run, case.inputs, ("base_url='localhost:8080/v1'", "http://"))
 
 
 # ----------------------------------------------------------------------------------- model paths
@@ -312,9 +341,13 @@ CASES = [
     pytest.param(keywords_timeouts_after_the_retries, id="keywords-remote-timeouts"),
     pytest.param(keywords_unknown_model, id="keywords-remote-unknown-model-404"),
     pytest.param(keywords_no_usable_answer, id="keywords-remote-no-keyword-in-any-answer"),
+    pytest.param(keywords_server_stops_answering, id="keywords-remote-stops-answering"),
+    pytest.param(keywords_url_without_scheme, id="keywords-remote-base_url-without-scheme"),
     pytest.param(reasons_server_down, id="reflect-remote-connection-refused-even-with-fallback"),
     pytest.param(reasons_unknown_model, id="reflect-remote-unknown-model-404"),
     pytest.param(reasons_no_usable_answer, id="reflect-remote-no-usable-reason"),
+    pytest.param(reasons_server_stops_answering, id="reflect-remote-stops-answering"),
+    pytest.param(reasons_url_without_scheme, id="reflect-remote-base_url-without-scheme"),
     pytest.param(backbone_path_missing, id="model_name_or_path-no-such-folder"),
     pytest.param(relative_backbone_path_missing_offline, id="model_name_or_path-relative-no-such-folder-offline"),
     pytest.param(relative_backbone_path_missing_online, id="model_name_or_path-relative-no-such-folder-online"),

@@ -339,8 +339,65 @@ def test_the_api_key_is_sent_but_never_logged_cached_or_shown(tmp_path, monkeypa
 
 
 def test_remote_teacher_rejects_a_bad_url():
-    with pytest.raises(ValueError, match="base_url"):
-        RemoteTeacher("127.0.0.1:8080", "m")
+    for url in ("127.0.0.1:8080", "localhost:8080/v1", "ftp://127.0.0.1/v1", "http:///v1"):
+        with pytest.raises(InputError, match=rf"^base_url={re.escape(repr(url))}: .*http://"):
+            RemoteTeacher(url, "m")
+    assert RemoteTeacher("HTTPS://api.example.com/v1", "m").url == "HTTPS://api.example.com/v1/chat/completions"
+
+
+def test_a_value_error_from_urllib_is_not_a_malformed_answer(monkeypatch):
+    """Only a body that is not a chat completion counts as an answer of the server; a ValueError that urllib
+    raises before sending (it used to be counted as one, and the row failed quietly) is a bug and surfaces."""
+    def urlopen(request, timeout):
+        raise ValueError(f"unknown url type: {request.full_url!r}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    source = teacher("http://127.0.0.1:9/v1", max_retries=1)
+    with pytest.raises(ValueError, match="unknown url type") as raised:
+        source.explain([titled("A")])
+    assert not isinstance(raised.value, InputError) and source.counters.failed == 0
+
+
+def test_rows_not_sent_after_an_outage_are_never_failed_rows(tmp_path):
+    """Once the outage limit stopped the batch, an answer arriving late (a slow request) does not turn the rows
+    that were not sent into failed rows: the batch is an outage, and what was answered is cached."""
+    cache = tmp_path / "cache.jsonl"
+    scripts = {"Slow": [("sleep", 1.0)], **{f"Down {i}": [("status", 503)] for i in range(20)}}
+    rows = [titled("Slow", item=1)] + [titled(f"Down {i}", user=2, item=10 + i) for i in range(20)]
+    with ScriptedServer(scripts) as server:
+        source = teacher(server.url, concurrency=2, max_retries=0, cache_path=cache)
+        with pytest.raises(InputError, match=rf"{re.escape(server.url)}/chat/completions became unreachable: .*more not sent"):
+            source.explain(rows)
+    assert len(server.requests) < len(rows)
+    assert source.counters.failed == 0
+    assert [json.loads(line)["text"] for line in cache.read_text().splitlines()] == ["Yes. Late but fine."]
+
+
+def test_a_server_that_stops_answering_is_an_outage_and_a_rerun_resumes(tmp_path):
+    """A partial outage: the first rows are answered, then every request fails. After K requests in a row got
+    no answer (K = OUTAGE_WAVES x concurrency) the batch stops with an error naming the URL, instead of sending
+    every remaining row through its retries and reporting them as failed rows; the answers are cached."""
+    cache = tmp_path / "cache.jsonl"
+    rows = [titled(f"Fine {i}", user=1, item=i) for i in range(4)] + [titled(f"Dead {i}", user=2, item=i) for i in range(30)]
+    scripts = {**{f"Fine {i}": [("ok", f"Yes. Reason {i}.")] for i in range(4)},
+               **{f"Dead {i}": [("status", 503)] for i in range(30)}}
+    with ScriptedServer(scripts) as server:
+        source = teacher(server.url, concurrency=2, max_retries=1, cache_path=cache)
+        with pytest.raises(InputError, match=rf"{re.escape(server.url)}/chat/completions became unreachable: \d+ requests in a "
+                                             rf"row got no answer.*HTTP 503.*cached in {re.escape(str(cache))}.*again"):
+            source.explain(rows)
+        dead_requests = sum(title.startswith("Dead") for title in server.requests)
+        limit = RemoteTeacher.OUTAGE_WAVES * 2
+        assert limit <= dead_requests // 2 <= limit + 2  # two tries each; at most the requests in flight beyond the limit
+        assert source.counters.failed == 0
+        assert len(ReasonCache(cache, "scripted-model").entries) == 4
+        # The server is back: the rerun asks only what was not answered.
+        for i in range(30):
+            server.scripts[f"Dead {i}"] = [("ok", "Yes. Back again.")]
+        before = len(server.requests)
+        results = teacher(server.url, concurrency=2, max_retries=1, cache_path=cache).explain(rows)
+    assert len(server.requests) - before == 30
+    assert all(r.status == KEPT for r in results) and sum(r.cached for r in results) == 4
 
 
 # ---------------------------------------------------------------------------- real llama.cpp

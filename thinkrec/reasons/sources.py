@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -676,43 +677,60 @@ class ReasonCache:
             self.entries[key] = text
 
 
-class _Reachability:
-    """Whether any request of one batch reached the server (got an HTTP answer other than a 5xx or a
-    404). Once `threshold` requests have failed without one of the batch reaching it, the batch stops:
-    the rest would only wait through their own retries."""
+class _MalformedAnswer(Exception):
+    """The server answered, but not with a chat completion (not JSON, no choices, content that is not text)."""
 
-    def __init__(self, threshold: int):
-        self.threshold = max(threshold, 1)
+
+class _Reachability:
+    """Whether the server of one batch is reachable. A request reached it when it got an HTTP answer other
+    than a 5xx or a 404; one that failed every try without one did not. `limit` requests in a row that did
+    not reach it (since the start, or since the last that did) are an outage: `stopped` is set for good, the
+    rest of the batch is not sent, and the batch raises; no row is left as a failed row it was not."""
+
+    def __init__(self, limit: int):
+        self.limit = max(limit, 1)
         self.reached = False
-        self.unreachable = 0
+        self.unreachable = 0  # requests that did not reach the server, in all
+        self.in_a_row = 0  # ... since the last that did
+        self.outage_streak = 0  # `in_a_row` when the batch stopped
+        self.not_sent = 0
         self.last_error: Optional[str] = None
         self.stopped = threading.Event()
         self._lock = threading.Lock()
 
     def reach(self) -> None:
         with self._lock:
-            self.reached = True
+            self.reached, self.in_a_row = True, 0
 
     def failed_to_reach(self, error: str) -> None:
         with self._lock:
             self.unreachable += 1
+            self.in_a_row += 1
             self.last_error = error
-            if not self.reached and self.unreachable >= self.threshold:
+            if self.in_a_row >= self.limit and not self.stopped.is_set():
+                self.outage_streak = self.in_a_row
                 self.stopped.set()
+
+    def skip(self) -> None:
+        """A request not sent because the batch stopped."""
+        with self._lock:
+            self.not_sent += 1
 
 
 class RemoteTeacher(ReasonSource):
     """A teacher behind an OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp's server,
     hosted APIs), asked from a bounded thread pool. Timeouts, connection errors, 429 and 5xx are
     retried with exponential backoff; malformed, empty or verdict-less answers are retried up to
-    `max_retries` too; then the row is reported as failed. A server that no request of a batch reaches
-    (connections refused, timeouts, a 5xx on every try, a 404 for a model it does not know) is an
-    outage, not failed rows: `explain` and `complete` raise an `InputError` naming the URL and the last
-    error, and nothing is cached. The API key is read from the environment variable named by
-    `api_key_env` at request time and is never stored, logged, cached or put in a message.
+    `max_retries` too; then the row is reported as failed. A server that stops being reached is an
+    outage, not failed rows: when `OUTAGE_WAVES` x `concurrency` requests in a row fail every try without
+    reaching it (connections refused, timeouts, a 5xx, a 404 for a model it does not know), or none of a
+    batch reaches it, the rest of the batch is not sent and `explain` and `complete` raise an `InputError`
+    naming the URL and the last error. The answers `explain` got before are cached, so running the
+    command again resumes. The API key is read from the environment variable named by `api_key_env` at
+    request time and is never stored, logged, cached or put in a message.
 
     Args:
-        base_url: e.g. "http://127.0.0.1:8080/v1" (the "/chat/completions" path is appended).
+        base_url: an http:// or https:// URL, e.g. "http://127.0.0.1:8080/v1" ("/chat/completions" is appended).
         model: model name sent with each request.
         api_key_env: name of the environment variable holding the key (unset = no Authorization header).
         cache_path: JSON-lines cache; answers found there are not asked again.
@@ -721,6 +739,8 @@ class RemoteTeacher(ReasonSource):
 
     name = "remote"
     RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+    # Two full waves of requests, each through all its retries, without one reaching the server: an outage.
+    OUTAGE_WAVES = 2
 
     def __init__(self, base_url: str, model: str, api_key_env: Optional[str] = "OPENAI_API_KEY",
                  cache_path: Optional[os.PathLike | str] = None, concurrency: int = 4, max_retries: int = 4,
@@ -730,8 +750,10 @@ class RemoteTeacher(ReasonSource):
                  item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL):
         super().__init__(max_reason_tokens, count_tokens)
         self.nouns = check_item_nouns(item_noun, item_noun_plural, type(self).__name__)
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}.")
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise InputError(f"base_url={base_url!r}: expected an http:// or https:// URL with a host, such as "
+                             "'http://127.0.0.1:8080/v1'.")
         if concurrency < 1 or max_retries < 0:
             raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {concurrency} and {max_retries}.")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -758,7 +780,7 @@ class RemoteTeacher(ReasonSource):
                 {"role": "user", "content": teacher_prompt(row, **self.nouns)}]
 
     def _request(self, messages: list[dict]) -> str:
-        """One chat completion; returns the answer text or raises (urllib errors, ValueError on a bad body)."""
+        """One chat completion; returns the answer text or raises (urllib errors, `_MalformedAnswer` on a bad body)."""
         body = {
             "model": self.model,
             "messages": messages,
@@ -776,9 +798,9 @@ class RemoteTeacher(ReasonSource):
             payload = json.loads(raw)
             content = payload["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as error:
-            raise ValueError(f"malformed response ({type(error).__name__}): {raw[:120]!r}") from error
+            raise _MalformedAnswer(f"malformed response ({type(error).__name__}): {raw[:120]!r}") from error
         if not isinstance(content, str):
-            raise ValueError(f"malformed response: message content is {type(content).__name__}, not text")
+            raise _MalformedAnswer(f"malformed response: message content is {type(content).__name__}, not text")
         return content
 
     def _delay(self, attempt: int, error: Optional[urllib.error.HTTPError]) -> float:
@@ -800,10 +822,12 @@ class RemoteTeacher(ReasonSource):
             reachability: Optional[_Reachability] = None) -> tuple[Optional[str], Optional[str]]:
         """One chat answer with retries (transport errors, 429/5xx, empty answers and answers for which
         `problem` names a fault), or (None, last error). `reachability` (the batch's) hears whether the
-        server answered at all, and stops the asking once the server is known to be unreachable."""
+        server answered, and stops the asking once the batch is an outage (the batch then raises)."""
         last_error, reached = None, False
         for attempt in range(self.max_retries + 1):
             if reachability is not None and reachability.stopped.is_set():
+                if not attempt:
+                    reachability.skip()
                 return None, f"not asked: {self.url} is unreachable"
             if attempt:
                 self.counters.add(retries=1)
@@ -824,7 +848,7 @@ class RemoteTeacher(ReasonSource):
             except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                 # Refused/reset connections, timeouts, DNS errors, bodies cut short (IncompleteRead).
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-            except ValueError as error:  # a malformed body: the server did answer
+            except _MalformedAnswer as error:  # the server did answer
                 reached, last_error = True, str(error)
             if reached and reachability is not None:
                 reachability.reach()
@@ -845,21 +869,28 @@ class RemoteTeacher(ReasonSource):
             reachability.failed_to_reach(error)
         return None, error
 
-    def _each(self, work: Callable, jobs: list) -> list:
-        """`work(job, reachability)` for every job, `concurrency` at a time; an `InputError` naming the
-        URL when no request reached the server."""
-        reachability = _Reachability(min(self.concurrency, len(jobs)))
+    def _each(self, work: Callable, jobs: list, cached: bool = False) -> list:
+        """`work(job, reachability)` for every job, `concurrency` at a time; an `InputError` naming the URL
+        when no request reached the server or the batch stopped as an outage (`cached`: the answers that
+        came are in the cache)."""
+        reachability = _Reachability(self.OUTAGE_WAVES * self.concurrency)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             # list() surfaces a programming error from a worker instead of leaving a None result.
             out = list(pool.map(lambda job: work(job, reachability), jobs))
-        if jobs and not reachability.reached:
-            failed = reachability.unreachable
-            skipped = f" ({len(jobs) - failed} more not sent)" if failed < len(jobs) else ""
+        if not jobs or reachability.reached and not reachability.stopped.is_set():
+            return out
+        skipped = f" ({reachability.not_sent} more not sent)" if reachability.not_sent else ""
+        if not reachability.reached:
             raise InputError(self._scrub(
-                f"remote teacher {self.url} is unreachable: none of {failed} requests got an answer{skipped}; "
-                f"last error: {reachability.last_error}. Nothing was written or cached: start the server, or check "
-                f"base_url and remote_model={self.model!r}."))
-        return out
+                f"remote teacher {self.url} is unreachable: none of {reachability.unreachable} requests got an answer"
+                f"{skipped}; last error: {reachability.last_error}. Nothing was written or cached: start the server, or "
+                f"check base_url and remote_model={self.model!r}."))
+        resume = (f"The answers received are cached in {self.cache.path}: run the same command again once the server is "
+                  "back, and only the rest is asked." if cached and self.cache is not None
+                  else "Run the same command again once the server is back.")
+        raise InputError(self._scrub(
+            f"remote teacher {self.url} became unreachable: {reachability.outage_streak} requests in a row got no answer "
+            f"after earlier ones did{skipped}; last error: {reachability.last_error}. {resume}"))
 
     def complete(self, conversations: list[list[dict]], problem: Callable[[str], Optional[str]] = lambda text: None
                  ) -> list[tuple[Optional[str], Optional[str]]]:
@@ -888,8 +919,8 @@ class RemoteTeacher(ReasonSource):
                 self.cache.put(int(row["UserID"]), int(row["TargetItemID"]), text)
             return text, error
 
-        # Counted only once the server is known to be reachable (an outage raises first).
-        for index, (text, error) in zip(to_ask, self._each(work, to_ask)):
+        # Counted only once the batch is known not to be an outage (an outage raises first).
+        for index, (text, error) in zip(to_ask, self._each(work, to_ask, cached=True)):
             results[index] = self.finish(rows[index], text, error)
         failures = Counter(r.error for r in results if r.status == FAILED)
         for error, count in failures.most_common(5):
