@@ -114,6 +114,8 @@ BAD_VALUES = [
     ("unknown-enum-value", {"colour": "green"}, 'colour must be one of ["red", "blue"], found the string "green".'),
     ("unknown-literal", {"choice": "c"}, 'choice must be one of ["a", "b"], found the string "c".'),
     ("list-for-dict-or-str", {"options": [1]}, "options must be an object, a string or null, found the list [1]."),
+    # "NaN" is not a number JSON has, so there is no "write it without quotes".
+    ("string-NaN-for-a-float", {"learning_rate": "NaN"}, 'learning_rate must be a number, found the string "NaN".'),
 ]
 
 
@@ -127,6 +129,44 @@ def test_a_value_not_of_the_declared_type_is_an_error(values, message, with_flag
     with pytest.raises(InputError) as raised:
         parse_args((First, Second, Typed), [path, *flags])
     assert str(raised.value).startswith(f"{path}: {message}"), str(raised.value)
+
+
+STRICT_JSON = [
+    ("nan", '{"records_dir": "d", "learning_rate": NaN}', "learning_rate holds NaN, which is not JSON"),
+    ("infinity", '{"records_dir": "d", "learning_rate": Infinity}', "learning_rate holds Infinity, which is not JSON"),
+    ("minus-infinity-in-a-list", '{"records_dir": "d", "layers": [1, -Infinity]}', "layers holds -Infinity, which is not JSON"),
+    ("nan-in-a-nested-object", '{"records_dir": "d", "options": {"scale": NaN}}', "scale holds NaN, which is not JSON"),
+    ("key-twice", '{"records_dir": "d", "rows": 1, "rows": 2}', "key 'rows' is given twice"),
+    ("key-twice-in-a-nested-object", '{"records_dir": "d", "options": {"a": 1, "a": 2}}', "key 'a' is given twice"),
+]
+
+
+@pytest.mark.parametrize("text, message", [case[1:] for case in STRICT_JSON], ids=[case[0] for case in STRICT_JSON])
+def test_a_file_must_be_strict_json(text, message, tmp_path):
+    """Python's json reads NaN / Infinity and keeps the last of two equal keys; a strict reader refuses both."""
+    path = tmp_path / "args.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as raised:
+        parse_args((First, Second, Typed), [str(path)])
+    assert str(raised.value).startswith(f"{path}: {message}"), str(raised.value)
+
+
+@dataclass
+class NotTraining:
+    fsdp: Optional[str] = None
+
+
+def test_fields_transformers_accepts_wider_than_annotated_pass_for_training_arguments_only(tmp_path):
+    from transformers import TrainingArguments
+
+    (training,) = parse_args((TrainingArguments,), [write(tmp_path, {"fsdp": ["full_shard", "auto_wrap"], "debug": None})])
+    assert training.fsdp and training.debug == []
+    (training,) = parse_args((TrainingArguments,), [write(tmp_path, {"fsdp": True}), "--seed", "3"])
+    assert training.fsdp is True and training.seed == 3
+    with pytest.raises(InputError, match="fsdp must be a string, true, false, a list of strings or null, found the number 1"):
+        parse_args((TrainingArguments,), [write(tmp_path, {"fsdp": 1})])
+    with pytest.raises(InputError, match="fsdp must be a string or null, found true"):
+        parse_args((NotTraining,), [write(tmp_path, {"fsdp": True})])
 
 
 @dataclass
