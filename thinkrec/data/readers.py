@@ -136,11 +136,12 @@ def _empty_keys(values: pd.Series, path: Path, column: str, what: str) -> None:
     empty = _empty_cells(values)
     markers = pd.Series(False, index=values.index)
     if not pd.api.types.is_numeric_dtype(values):
-        markers = values.map(lambda value: isinstance(value, str) and value.strip() in MISSING_MARKERS).astype(bool)
+        text = values.astype(str).str.strip()
+        markers = values.notna() & text.isin(MISSING_MARKERS)
     empty |= markers
     if not empty.any():
         return
-    written = f" (a missing-value marker such as {values[markers].iloc[0].strip()!r} is an empty cell)" if markers.any() else ""
+    written = f" (a missing-value marker such as {text[markers].iloc[0]!r} is an empty cell)" if markers.any() else ""
     raise DataFormatError(f"{path}: column {column!r} has {int(empty.sum())} empty {what}(s){written}, first at row {_first_row(empty)}.")
 
 
