@@ -6,9 +6,9 @@ from collections import Counter
 
 import pandas as pd
 import pytest
+from _bad_inputs import assert_inputs_unchanged, assert_one_line_error, file_hashes, leftovers, run_main
 
 import prepare_data
-from _bad_inputs import assert_inputs_unchanged, assert_one_line_error, file_hashes, leftovers, run_main
 from thinkrec.data.records import load_prepared
 
 
