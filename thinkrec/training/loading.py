@@ -2,8 +2,8 @@
 ThinkRec checkpoint (whose small format rebuilds its base with them) or a teacher, and the checks that
 turn a bad model input into one message naming the field, the folder or the file (an `InputError`)
 before transformers would fail with a traceback: a path that does not exist, a folder without its
-config, weights or tokenizer, a checkpoint folder a run stopped publishing into, a safetensors file that is truncated, empty or a pickle under another
-name (never unpickled)."""
+config, weights or tokenizer, a checkpoint folder a run stopped while publishing into, a safetensors
+file that is truncated, empty or a pickle under another name (never unpickled)."""
 
 from __future__ import annotations
 
@@ -219,10 +219,10 @@ def load_checkpoint(folder: str, field: str, **kwargs):
     if os.path.isdir(source):
         manifest = Manifest(source, owner="")  # only read: an owner matters to what a run writes
         if manifest.state == "publishing":
-            commands = "/".join(sorted(set(manifest.files.values()))) or "that command"
+            owners = sorted(set(manifest.files.values()))
+            command = f" ({'/'.join(owners)}, output_dir={folder})" if owners else ""
             raise InputError(f"{field}={folder}: a run stopped while moving its final files in (manifest state 'publishing'); "
-                             f"its files may come from two runs. Run that command ({commands}, output_dir={folder}) again "
-                             "to finish it.")
+                             f"its files may come from two runs. Run that command{command} again to finish it.")
         config = read_config(source, field, "ThinkRec model folder")
         # The small format, else every weight (save_pretrained(..., full_weights=True)).
         check_weights(source, field, (TRAINED_WEIGHTS_NAME, "model.safetensors", "model.safetensors.index.json"))

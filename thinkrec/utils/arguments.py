@@ -150,8 +150,8 @@ def _check_types(label: str, values: dict[str, Any], dataclass_types: Sequence[t
         hints = get_type_hints(dataclass_type)
         declared.update({item.name: hints[item.name] for item in dataclasses.fields(dataclass_type) if item.init})
         if _is_training_arguments(dataclass_type):
-            declared.update({name: Union[(declared[name], *extra)] for name, extra in WIDER_TRAINING_TYPES.items()
-                             if name in declared})
+            declared.update({name: Union[(hints[name], *extra)] for name, extra in WIDER_TRAINING_TYPES.items()
+                             if name in hints})
     for name, value in values.items():
         if _conforms(value, declared[name]) is False:
             raise InputError(f"{label}: {name} must be {_describe(declared[name])}, found {_found(value)}"
