@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput, cached_file, logging
 
 
 # This file is imported two ways: as part of a checkpoint's remote code (a package made by
@@ -42,6 +42,7 @@ from transformers.utils import ModelOutput, cached_file
 try:
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from .experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
+    from .prefix_thinkrec import pack, plan_groups, sharing_problem, token_codes
     from .processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from .sasrec_thinkrec import SASRec
 except ImportError:
@@ -49,9 +50,12 @@ except ImportError:
         raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
+    from prefix_thinkrec import pack, plan_groups, sharing_problem, token_codes
     from processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from sasrec_thinkrec import SASRec
 
+
+logger = logging.get_logger(__name__)
 
 TRAINING_STAGES = ("lora", "projector", "joint", "experts")
 MODE_REC = 0
@@ -753,6 +757,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor | None = None,
         return_logits: bool = False,
         return_cf_scores: bool = False,
+        shared_prefix: bool = False,
         **kwargs,
     ) -> ThinkRecOutput:
         r"""
@@ -769,6 +774,9 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         return_cf_scores: also return the CF model's own score of each row (needs `item_ids`, and
             `user_ids` or, for SASRec, `history_item_ids`); computed here so that it runs wherever the
             model's tables are (sharded under FSDP / ZeRO-3), not from tables read on one rank.
+        shared_prefix: score only (no loss, no logits), encoding once the prompt tokens that rows share
+            (a user's candidates): see prefix_thinkrec.py. Answers, if the batch has them, are cut off.
+            Same scores as without it; backbones whose attention takes no 4-D mask score per row.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -776,10 +784,22 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             raise ValueError("labels need `mode` (0 rec / 1 reason) and `target_labels` (0/1) for every row.")
         if return_cf_scores and (self.config.cf_model_type == "none" or item_ids is None):
             raise ValueError("return_cf_scores needs a model with CF tables and the rows' item_ids (target item CF ids).")
+        if shared_prefix:
+            if self.training and torch.is_grad_enabled():
+                raise ValueError("shared_prefix scores rows; it computes no loss. Train without it.")
+            if inputs_embeds is not None or cache is not None or past_key_values is not None:
+                raise ValueError("shared_prefix scores whole prompts from input_ids; it takes no inputs_embeds or cache.")
+            if labels is not None:
+                prompt_end = self.prompt_length(labels)
+                input_ids, labels = input_ids[:, :prompt_end], None
+                attention_mask = attention_mask[:, :prompt_end] if attention_mask is not None else None
         # Every per-row check (slots, id ranges, routing ids, label layout, padding side) in one host sync.
         self._validate(input_ids=input_ids, attention_mask=attention_mask, labels=labels, user_slot_ids=user_slot_ids,
                        item_slot_ids=item_slot_ids, history_item_ids=history_item_ids, user_ids=user_ids,
                        routes=self.has_experts, item_ids=item_ids if return_cf_scores else None)
+        if shared_prefix and self._sharing_problem is None:
+            return self._shared_prefix_output(input_ids, attention_mask, user_slot_ids, item_slot_ids, history_item_ids,
+                                              user_ids, item_ids if return_cf_scores else None)
         if inputs_embeds is None:
             inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
         batch_size, sequence_length = inputs_embeds.shape[:2]
@@ -860,6 +880,41 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             **{self._cache_name: lm_cache},
         )
 
+    @functools.cached_property
+    def _sharing_problem(self) -> str | None:
+        """Why this backbone scores per row even when asked to share prefixes (said once in the log)."""
+        problem = sharing_problem(self.language_model.config)
+        if problem is not None:
+            logger.warning("shared-prefix scoring is off: %s; rows are scored one prompt each.", problem)
+        return problem
+
+    def _shared_prefix_output(self, input_ids, attention_mask, user_slot_ids, item_slot_ids, history_item_ids,
+                              user_ids, item_ids) -> ThinkRecOutput:
+        """Scores of left- or right-padded prompts from two LM passes: the groups' shared prefixes into a
+        cache, then every row's remaining tokens packed one row per group (prefix_thinkrec.py). Inputs
+        were checked by forward."""
+        config = self.config
+        inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+        codes, real_columns = token_codes(input_ids, attention_mask, [(config.user_slot_token_id, user_slot_ids),
+                                                                      (config.item_slot_token_id, item_slot_ids)])
+        sasrec = config.cf_model_type == "sasrec" and history_item_ids is not None
+        histories = history_item_ids.tolist() if sasrec else None
+        routing = self._route(user_ids, history_item_ids) if self.has_experts else None
+        routes = routing.tolist() if routing is not None else None
+        keys = [(tuple(histories[row]) if sasrec else None, tuple(routes[row]) if routes is not None else None)
+                for row in range(len(codes))]
+        packed = pack(inputs_embeds, real_columns, plan_groups(codes, keys))
+        if routing is not None:
+            self.routing_state.weights = routing[packed.first_rows]
+        _, cache = self._language_model_logits(packed.prefix_embeds, packed.prefix_mask, packed.prefix_positions, 1,
+                                               self._cache_kwargs(None, True), {})
+        logits, _ = self._language_model_logits(packed.suffix_embeds, packed.suffix_mask, packed.suffix_positions,
+                                                packed.score_positions, self._cache_kwargs(cache, True), {})
+        scores = torch.empty(input_ids.shape[0], dtype=torch.float32, device=logits.device)
+        scores[packed.score_rows] = self._score_logits(logits)
+        cf_scores = self._cf_scores(user_ids, history_item_ids, item_ids) if item_ids is not None else None
+        return ThinkRecOutput(scores=scores, cf_scores=cf_scores, routing_weights=routing)
+
     def _cf_scores(self, user_ids, history_item_ids, item_ids) -> torch.Tensor:
         """The CF model's score of each row: its user vector (table row, or the SASRec encoding of the
         liked history) · the target item's vector, in float32."""
@@ -935,11 +990,13 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         item_slot_ids: torch.LongTensor | None = None,
         history_item_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        shared_prefix: bool = False,
         **batch_metadata,
     ) -> torch.Tensor:
         """P("Yes") per row [B] from one forward pass over the prompts only (answers, if the batch has
         them, are cut off at the first label column; no vocabulary logits are kept).
-        `batch_metadata` takes the collator's other fields (mode, target_labels, user_ids, item_ids)."""
+        `batch_metadata` takes the collator's other fields (mode, target_labels, user_ids, item_ids).
+        `shared_prefix`: encode the prompt tokens rows share (a user's candidates) once; same scores."""
         unknown = set(batch_metadata) - {"mode", "target_labels", "user_ids", "item_ids"}
         if unknown:
             raise TypeError(f"score() got unexpected fields {sorted(unknown)}.")
@@ -957,6 +1014,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             item_slot_ids=item_slot_ids,
             history_item_ids=history_item_ids,
             user_ids=batch_metadata.get("user_ids"),
+            shared_prefix=shared_prefix,
         )
         self.train(was_training)
         return torch.sigmoid(outputs.scores)

@@ -12,9 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 from transformers import EvalPrediction, Trainer
+from transformers.utils import logging
 
+from prefix_thinkrec import common_length
 from thinkrec.evaluation.metrics import compute_metrics
 from thinkrec.training.loading import check_safetensors
+
+
+logger = logging.get_logger(__name__)
 
 
 class ThinkRecTrainer(Trainer):
@@ -76,13 +81,21 @@ class ThinkRecTrainer(Trainer):
             self._loss_part_count = 0
         super().log(logs, start_time)
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether evaluation and prediction score rows from shared prompt prefixes (see prefix_thinkrec.py)."""
+        return bool(getattr(self.args, "shared_prefix_scoring", False))
+
+    def _eval_order(self, dataset) -> Optional[np.ndarray]:
+        return prefix_order(dataset) if self.shares_prefixes else length_order(dataset)
+
     def _get_eval_sampler(self, eval_dataset):
-        order = length_order(eval_dataset)
+        order = self._eval_order(eval_dataset)
         return LengthSortedSampler(order) if order is not None else super()._get_eval_sampler(eval_dataset)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         # The sampler's order, recomputed from the same columns: a cached dataloader keeps its sampler.
-        order = length_order(getattr(dataloader, "dataset", None))
+        order = self._eval_order(getattr(dataloader, "dataset", None))
         if order is None:
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         restore = np.argsort(order, kind="stable")
@@ -106,6 +119,9 @@ class ThinkRecTrainer(Trainer):
         extra = not prediction_loss_only and self.prediction_fields != ("scores",)
         if extra and "cf_scores" in self.prediction_fields and self.accelerator.unwrap_model(model).config.cf_model_type != "none":
             inputs = {**inputs, "return_cf_scores": True}
+        if self.shares_prefixes and not prediction_loss_only:
+            # Scores only (no eval loss): the rows' shared prompt prefixes are encoded once.
+            inputs = {**inputs, "shared_prefix": True}
         with torch.no_grad():
             outputs = model(**inputs)
         loss = outputs.loss.detach() if outputs.loss is not None else None
@@ -139,6 +155,31 @@ def length_order(dataset) -> Optional[np.ndarray]:
     prompt_length = np.asarray(dataset["prompt_length"], dtype=np.int64)
     answer_length = np.asarray(dataset["answer_length"], dtype=np.int64)
     return np.lexsort((-answer_length, -prompt_length))
+
+
+_sharing_reported: set = set()
+
+
+def prefix_order(dataset) -> Optional[np.ndarray]:
+    """Rows of a tokenised dataset in token order of their prompts, so that rows sharing a prompt prefix
+    (a user's candidates) fall into one batch and are scored from one encoding of it; None for raw
+    records. Logs once per dataset how much of the prompts neighbouring rows share."""
+    if not isinstance(dataset, datasets.Dataset) or "prompt_ids" not in dataset.column_names:
+        return None
+    prompts = dataset["prompt_ids"]
+    order = np.array(sorted(range(len(prompts)), key=prompts.__getitem__), dtype=np.int64)
+    if dataset._fingerprint not in _sharing_reported and len(prompts):
+        _sharing_reported.add(dataset._fingerprint)
+        total = sum(len(prompt) for prompt in prompts)
+        shared = sum(common_length(prompts[a], prompts[b]) for a, b in zip(order[:-1], order[1:]))
+        share = shared / max(total, 1)
+        logger.info("shared-prefix scoring: %d rows, %.0f%% of their prompt tokens repeat the row before them "
+                    "(at most %.1fx fewer tokens to encode than scoring each prompt).", len(prompts), 100 * share,
+                    1 / max(1 - share, 1e-9))
+        if share < 0.2:
+            logger.warning("shared-prefix scoring: these rows share little of their prompts (%.0f%%); does the template "
+                           "put target text before the user's history? Scores stay exact, but near per-row speed.", 100 * share)
+    return order
 
 
 def _in_dataset_order(values, restore: np.ndarray):
