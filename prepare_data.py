@@ -114,7 +114,8 @@ def build_records(source: SourceArguments, options: RecordOptions) -> PreparedRe
     """Read the configured source and turn it into records."""
     if source.source == "collm":
         presplit = read_collm_splits(source.data_path, allow_pickle=source.allow_pickle)
-        return records_from_collm(presplit, options.max_history, **options.item_nouns())
+        return records_from_collm(presplit, options.max_history, **options.item_nouns(),
+                                  num_candidates=options.num_candidates, seed=options.seed)
     if source.source == "ml-100k":
         log = read_ml100k()
     elif source.source == "recbole":

@@ -284,3 +284,31 @@ def test_ml1m_collm_round_trip_keeps_rows_ids_and_histories():
     assert row["HisItemIDs"] == list(raw["his"][1:][-10:])
     assert row["HisItemTitles"] == list(raw["his_title"][1:][-10:])
     assert records.splits["train"]["not_cold"].to_numpy().all()
+
+
+def test_collm_records_get_ranking_pools_of_unseen_listed_items():
+    """num_candidates was ignored for the collm source (no pools, silently); pools now come from items
+    the user has no row or history entry of, drawn only among items of the item table."""
+    from thinkrec.data.readers import PresplitRecords
+
+    def frame(flag, users, items, labels):
+        return pd.DataFrame({"uid": users, "iid": items, "label": labels, "timestamp": list(range(len(users))),
+                             "his": [[0, 2]] * len(users), "his_title": [["", "B"]] * len(users),
+                             "title": [f"T{i}" for i in items], "flag": [flag] * len(users), "not_cold": [1] * len(users)})
+
+    splits = {"train": frame(-1, [1, 1, 2], [3, 4, 3], [1, 0, 1]), "validation": frame(0, [1], [5], [1]),
+              "test": frame(1, [1, 2, 2], [6, 7, 8], [1, 1, 0])}
+    items = pd.DataFrame({"item": [i for i in range(1, 21) if i != 13], "title": [f"T{i}" for i in range(1, 21) if i != 13],
+                          "genres": "", "description": ""})
+    records = records_from_collm(PresplitRecords(splits=splits, items=items, source="collm:toy"), num_candidates=12, seed=1)
+    pools = records.candidates.to_pylist()
+    assert [(pool["UserID"], pool["TargetItemID"]) for pool in pools] == [(1, 6), (2, 7)]
+    seen = {1: {2, 3, 4, 5, 6}, 2: {2, 3, 7, 8}}
+    for pool in pools:
+        candidates = pool["CandidateItemIDs"]
+        assert candidates[0] == pool["TargetItemID"] and len(candidates) == 13 == len(set(candidates))
+        assert not set(candidates[1:]) & seen[pool["UserID"]]
+        assert 13 not in candidates  # not in the item table: no title to show
+    again = records_from_collm(PresplitRecords(splits=splits, items=items, source="collm:toy"), num_candidates=12, seed=1)
+    assert again.candidates.to_pylist() == pools
+    assert records_from_collm(PresplitRecords(splits=splits, items=items, source="collm:toy")).candidates is None

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from thinkrec.data.nouns import DEFAULT_ITEM_NOUN, DEFAULT_ITEM_NOUN_PLURAL, check_item_nouns
 from thinkrec.data.readers import DataFormatError, InteractionLog, PresplitRecords
@@ -217,6 +218,26 @@ def sample_unseen_items(
     raise DataFormatError(
         "Could not sample enough unseen items: some users interacted with (almost) every item. "
         "Lower negatives_per_positive / num_candidates or filter those users."
+    )
+
+
+def candidate_pools(test: pa.Table, num_candidates: int, num_items: int, seen_keys: np.ndarray,
+                    rng: np.random.Generator, probabilities: Optional[np.ndarray] = None) -> Optional[pa.Table]:
+    """Ranking pools (None for 0 candidates): one per positive test row, its target first, then
+    `num_candidates` distinct items the user never interacted with (`seen_keys`, see sample_unseen_items)."""
+    if num_candidates <= 0:
+        return None
+    labels = test["label"].to_numpy()
+    users = test["UserID"].to_numpy()[labels == 1].astype(np.int64)
+    targets = test["TargetItemID"].to_numpy()[labels == 1].astype(np.int64)
+    pool = sample_unseen_items(users, num_candidates, num_items, seen_keys, rng, probabilities, distinct=True)
+    flat = np.concatenate([targets[:, None], pool], axis=1)
+    return pa.table(
+        {
+            "UserID": pa.array(users, pa.int64()),
+            "TargetItemID": pa.array(targets, pa.int64()),
+            "CandidateItemIDs": _list_array(pa.array(flat.reshape(-1), pa.int64()), np.arange(len(flat) + 1) * flat.shape[1]),
+        }
     )
 
 
@@ -529,21 +550,7 @@ def prepare_records(log: InteractionLog, options: RecordOptions) -> PreparedReco
             )
         splits[name] = full.take(pa.array(rows))
 
-    candidates = None
-    if options.num_candidates > 0:
-        test = splits["test"].to_pandas()
-        positives = test[test["label"] == 1]
-        pool = sample_unseen_items(
-            positives["UserID"].to_numpy(), options.num_candidates, num_items, seen_keys, rng, distinct=True
-        )
-        flat = np.concatenate([positives["TargetItemID"].to_numpy()[:, None], pool], axis=1)
-        candidates = pa.table(
-            {
-                "UserID": pa.array(positives["UserID"].to_numpy(), pa.int64()),
-                "TargetItemID": pa.array(positives["TargetItemID"].to_numpy(), pa.int64()),
-                "CandidateItemIDs": _list_array(pa.array(flat.reshape(-1), pa.int64()), np.arange(len(flat) + 1) * flat.shape[1]),
-            }
-        )
+    candidates = candidate_pools(splits["test"], options.num_candidates, num_items, seen_keys, rng)
 
     item_table = pd.DataFrame(
         {
@@ -622,8 +629,12 @@ def records_from_collm(
     max_history: int = 10,
     item_noun: str = DEFAULT_ITEM_NOUN,
     item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
+    num_candidates: int = 0,
+    seed: int = 42,
 ) -> PreparedRecords:
-    """Records from CoLLM/ThinkRec tables, keeping the published ids, labels, order and ``not_cold``."""
+    """Records from CoLLM/ThinkRec tables, keeping the published ids, labels, order and ``not_cold``.
+    `num_candidates` > 0 adds ranking pools for the test positives (see `candidate_pools`), drawn among
+    items the user has no row of in any split and no history entry."""
     nouns = check_item_nouns(item_noun, item_noun_plural, presplit.source)
     splits = {name: _collm_split_to_records(frame, max_history, name) for name, frame in presplit.splits.items()}
     for name, table in splits.items():
@@ -662,4 +673,20 @@ def records_from_collm(
         "positive_rate": {name: float(np.mean(table["label"].to_numpy())) for name, table in splits.items()},
         "report": {"input_rows": {name: int(len(f)) for name, f in presplit.splits.items()}},
     }
-    return PreparedRecords(splits=splits, items=item_table, users=user_table, metadata=metadata)
+    candidates = None
+    if num_candidates > 0:
+        num_items = max_item + 1
+        seen = [table["UserID"].to_numpy().astype(np.int64) * num_items + table["TargetItemID"].to_numpy() for table in splits.values()]
+        for table in splits.values():
+            lengths = pc.list_value_length(table["HisItemIDs"]).to_numpy(zero_copy_only=False)
+            history_users = np.repeat(table["UserID"].to_numpy().astype(np.int64), lengths)
+            seen.append(history_users * num_items + pc.list_flatten(table["HisItemIDs"]).to_numpy().astype(np.int64))
+        seen_keys = np.unique(np.concatenate(seen))
+        # Only items of the item table (they have titles) are drawn.
+        listed = np.zeros(num_items, dtype=np.float64)
+        listed[item_table["ItemID"].to_numpy()] = 1.0
+        probabilities = None if listed[1:].all() else listed[1:] / listed[1:].sum()
+        candidates = candidate_pools(splits["test"], num_candidates, num_items, seen_keys, np.random.default_rng(seed),
+                                     probabilities)
+        metadata["num_candidates"] = num_candidates
+    return PreparedRecords(splits=splits, items=item_table, users=user_table, metadata=metadata, candidates=candidates)
