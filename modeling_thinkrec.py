@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput, cached_file, logging
 try:
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from .experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
-    from .prefix_thinkrec import pack, plan_groups, sharing_problem, token_codes
+    from .prefix_thinkrec import PACKED_ROW_TOKENS, pack, plan_groups, sharing_problem, token_codes
     from .processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from .sasrec_thinkrec import SASRec
 except ImportError:
@@ -50,7 +50,7 @@ except ImportError:
         raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
     from experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
-    from prefix_thinkrec import pack, plan_groups, sharing_problem, token_codes
+    from prefix_thinkrec import PACKED_ROW_TOKENS, pack, plan_groups, sharing_problem, token_codes
     from processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from sasrec_thinkrec import SASRec
 
@@ -880,6 +880,9 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             **{self._cache_name: lm_cache},
         )
 
+    # Suffix tokens per packed row of shared-prefix scoring (see prefix_thinkrec.py).
+    packed_row_tokens: int = PACKED_ROW_TOKENS
+
     @functools.cached_property
     def _sharing_problem(self) -> str | None:
         """Why this backbone scores per row even when asked to share prefixes (said once in the log)."""
@@ -903,11 +906,14 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         routes = routing.tolist() if routing is not None else None
         keys = [(tuple(histories[row]) if sasrec else None, tuple(routes[row]) if routes is not None else None)
                 for row in range(len(codes))]
-        packed = pack(inputs_embeds, real_columns, plan_groups(codes, keys))
+        packed = pack(inputs_embeds, real_columns, plan_groups(codes, keys), self.packed_row_tokens)
         if routing is not None:
             self.routing_state.weights = routing[packed.first_rows]
         _, cache = self._language_model_logits(packed.prefix_embeds, packed.prefix_mask, packed.prefix_positions, 1,
                                                self._cache_kwargs(None, True), {})
+        cache.batch_select_indices(packed.chunk_groups)  # one cache row per packed row
+        if routing is not None:
+            self.routing_state.weights = routing[packed.first_rows][packed.chunk_groups]
         logits, _ = self._language_model_logits(packed.suffix_embeds, packed.suffix_mask, packed.suffix_positions,
                                                 packed.score_positions, self._cache_kwargs(cache, True), {})
         scores = torch.empty(input_ids.shape[0], dtype=torch.float32, device=logits.device)

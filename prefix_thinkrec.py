@@ -3,8 +3,9 @@
 The candidates of one user differ only in the target part at the end of the prompt (target title,
 item slot, the question's tail). Instead of running each full prompt, a batch is split into groups
 of rows with a common token prefix; each group's prefix runs once into a key/value cache
-(transformers' `DynamicCache`), and all its rows' remaining tokens ("suffixes") run as ONE packed
-row on top of that cache, under a 4-D float mask in which each suffix sees the prefix and itself
+(transformers' `DynamicCache`), and all its rows' remaining tokens ("suffixes") run packed a few
+hundred tokens to a row on top of that cache (its rows selected per packed row with the cache's own
+`batch_select_indices`), under a 4-D float mask in which each suffix sees the prefix and itself
 (causally) and explicit position ids that continue each suffix from the prefix. Every row then sees
 exactly the tokens, slot vectors and positions it sees when scored alone, so the scores are the
 same (up to float summation order; the tests hold them to 1e-4 in fp32).
@@ -95,14 +96,21 @@ def plan_groups(tokens: list[list[int]], keys: list) -> list[PrefixGroup]:
     return groups
 
 
+# Suffixes packed into one row of the second pass, at most (tokens; a longer suffix gets a row of its
+# own). The packed row's attention grows with its length squared while the prefix cache is copied once
+# per row: a few hundred tokens keeps both small (benchmarks/ranking_speed.py measured the choice).
+PACKED_ROW_TOKENS = 128
+
+
 @dataclass
 class PackedBatch:
     """The two passes of shared-prefix scoring, as tensors.
 
-    prefix_*: [G, P] one left-padded prefix per group. suffix_*: [G, S] each group's suffixes packed in
-    one right-padded row; `suffix_mask` is the [G, 1, S, P + S] float mask (0 attend, dtype min masked)
-    over the prefix cache and the packed row; `score_positions` [G, S] marks each row's last token, in
-    group order then row order (`score_rows` names the batch row of each mark).
+    prefix_*: [G, P] one left-padded prefix per group. suffix_*: [C, S] the groups' suffixes packed in
+    right-padded rows ("chunks"), `chunk_groups` [C] naming the group (prefix cache row) of each;
+    `suffix_mask` is the [C, 1, S, P + S] float mask (0 attend, dtype min masked) over the prefix cache
+    and the packed row; `score_positions` [C, S] marks each row's last token, in chunk order then row
+    order (`score_rows` names the batch row of each mark).
     """
 
     prefix_embeds: torch.Tensor
@@ -114,9 +122,25 @@ class PackedBatch:
     score_positions: torch.Tensor
     score_rows: torch.Tensor
     first_rows: torch.Tensor
+    chunk_groups: torch.Tensor
 
 
-def pack(inputs_embeds: torch.Tensor, real_columns: list[torch.Tensor], groups: list[PrefixGroup]) -> PackedBatch:
+def chunks(lengths: list[int], limit: int) -> list[list[int]]:
+    """Consecutive members (by index) packed into rows of at most `limit` suffix tokens (one each at least)."""
+    rows, current, used = [], [], 0
+    for member, length in enumerate(lengths):
+        if current and used + length > limit:
+            rows.append(current)
+            current, used = [], 0
+        current.append(member)
+        used += length
+    if current:
+        rows.append(current)
+    return rows
+
+
+def pack(inputs_embeds: torch.Tensor, real_columns: list[torch.Tensor], groups: list[PrefixGroup],
+         packed_row_tokens: int = PACKED_ROW_TOKENS) -> PackedBatch:
     """Lay out the prefix pass and the packed suffix pass.
 
     inputs_embeds: [B, T, d] the batch's embedded prompts (slot vectors injected), padded any way;
@@ -126,41 +150,49 @@ def pack(inputs_embeds: torch.Tensor, real_columns: list[torch.Tensor], groups: 
     hidden = inputs_embeds.shape[-1]
     n_groups = len(groups)
     longest_prefix = max(group.prefix_length for group in groups)
-    suffix_lengths = [sum(len(real_columns[row]) - group.prefix_length for row in group.rows) for group in groups]
-    longest_suffix = max(suffix_lengths)
+    layout = []  # (group index, [batch rows]) per packed row
+    for g, group in enumerate(groups):
+        lengths = [len(real_columns[row]) - group.prefix_length for row in group.rows]
+        layout.extend((g, [group.rows[m] for m in members]) for members in chunks(lengths, packed_row_tokens))
+    row_lengths = [sum(len(real_columns[row]) - groups[g].prefix_length for row in rows) for g, rows in layout]
+    longest_suffix = max(row_lengths)
+    n_chunks = len(layout)
 
     prefix_embeds = inputs_embeds.new_zeros(n_groups, longest_prefix, hidden)
     prefix_mask = torch.zeros(n_groups, longest_prefix, dtype=torch.long, device=device)
-    suffix_embeds = inputs_embeds.new_zeros(n_groups, longest_suffix, hidden)
-    # Per packed column: which row of the group it belongs to (-1 padding), and its position.
-    segment = torch.full((n_groups, longest_suffix), -1, dtype=torch.long)
-    suffix_positions = torch.zeros(n_groups, longest_suffix, dtype=torch.long)
-    score_positions = torch.zeros(n_groups, longest_suffix, dtype=torch.bool)
-    score_rows = []
     for g, group in enumerate(groups):
         length = group.prefix_length
         if length:
             prefix_embeds[g, longest_prefix - length:] = inputs_embeds[group.rows[0], real_columns[group.rows[0]][:length]]
             prefix_mask[g, longest_prefix - length:] = 1
+    suffix_embeds = inputs_embeds.new_zeros(n_chunks, longest_suffix, hidden)
+    # Per packed column: which row of the chunk it belongs to (-1 padding), and its position.
+    segment = torch.full((n_chunks, longest_suffix), -1, dtype=torch.long)
+    suffix_positions = torch.zeros(n_chunks, longest_suffix, dtype=torch.long)
+    score_positions = torch.zeros(n_chunks, longest_suffix, dtype=torch.bool)
+    score_rows = []
+    for c, (g, rows) in enumerate(layout):
+        length = groups[g].prefix_length
         start = 0
-        for member, row in enumerate(group.rows):
+        for member, row in enumerate(rows):
             columns = real_columns[row][length:]
             end = start + len(columns)
-            suffix_embeds[g, start:end] = inputs_embeds[row, columns]
-            segment[g, start:end] = member
-            suffix_positions[g, start:end] = torch.arange(length, length + len(columns))
-            score_positions[g, end - 1] = True
+            suffix_embeds[c, start:end] = inputs_embeds[row, columns]
+            segment[c, start:end] = member
+            suffix_positions[c, start:end] = torch.arange(length, length + len(columns))
+            score_positions[c, end - 1] = True
             score_rows.append(row)
             start = end
 
-    # Each packed token sees the prefix's real tokens, and the tokens of its own row up to itself.
+    chunk_groups = torch.tensor([g for g, _ in layout], dtype=torch.long, device=device)
+    # Each packed token sees its group's prefix (real tokens), and the tokens of its own row up to itself.
     segment = segment.to(device)
     same_row = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
     causal = torch.ones(longest_suffix, longest_suffix, dtype=torch.bool, device=device).tril()
-    sees = torch.cat([prefix_mask.bool()[:, None, :].expand(-1, longest_suffix, -1), same_row & causal], dim=-1)
-    # Padding columns of the packed row see the prefix only (or nothing, in which case softmax over the
+    sees = torch.cat([prefix_mask.bool()[chunk_groups][:, None, :].expand(-1, longest_suffix, -1), same_row & causal], dim=-1)
+    # Padding columns of a packed row see the prefix only (or nothing, in which case softmax over the
     # all-masked row is uniform and finite: the mask uses dtype min, not -inf). Their outputs are unused.
-    suffix_mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+    suffix_mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
     prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     return PackedBatch(
         prefix_embeds=prefix_embeds,
@@ -172,6 +204,7 @@ def pack(inputs_embeds: torch.Tensor, real_columns: list[torch.Tensor], groups: 
         score_positions=score_positions.to(device),
         score_rows=torch.tensor(score_rows, dtype=torch.long, device=device),
         first_rows=torch.tensor([group.rows[0] for group in groups], dtype=torch.long, device=device),
+        chunk_groups=chunk_groups,
     )
 
 

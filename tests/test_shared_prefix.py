@@ -12,7 +12,7 @@ from _tiny_model import NUM_ITEMS, NUM_USERS, TITLES, make_model
 
 from data_collator import build_processor
 from experts_thinkrec import ExpertLoraLinear
-from prefix_thinkrec import PrefixGroup, plan_groups, sharing_problem
+from prefix_thinkrec import PrefixGroup, chunks, plan_groups, sharing_problem
 from thinkrec.experts.clusters import fit_user_clusters, train_user_vectors
 
 
@@ -47,11 +47,13 @@ def processor_for(tokenizer, model, **settings):
     return processor
 
 
+@pytest.mark.parametrize("packed_row_tokens", [4096, 30])  # one packed row per group; about one per candidate
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("cf_model_type", ["mf", "lightgcn", "sasrec", "none"])
-def test_shared_prefix_scores_equal_per_row_scores(cf_model_type, attention):
+def test_shared_prefix_scores_equal_per_row_scores(cf_model_type, attention, packed_row_tokens):
     model, tokenizer = make_model(cf_model_type)
     model.language_model.config._attn_implementation = attention
+    model.packed_row_tokens = packed_row_tokens
     processor = processor_for(tokenizer, model)
     batch = processor(candidate_records(seed=1))
     per_row, shared = both_ways(model, batch)
@@ -116,6 +118,7 @@ def with_distinct_experts(cf_model_type):
 @pytest.mark.parametrize("cf_model_type", ["mf", "sasrec"])
 def test_expert_rows_keep_their_own_mixture(cf_model_type):
     model, tokenizer = with_distinct_experts(cf_model_type)
+    model.packed_row_tokens = 40  # several packed rows per group: each keeps its group's mixture
     batch = processor_for(tokenizer, model)(candidate_records(seed=6))
     with torch.no_grad():
         per_row = model(**batch).scores
@@ -235,3 +238,9 @@ def test_trainer_prediction_with_shared_prefixes_gives_per_row_predictions_in_da
     np.testing.assert_array_equal(results[True].label_ids, [record["label"] for record in records])
     assert results[True].metrics["test_auc"] == pytest.approx(results[False].metrics["test_auc"], abs=1e-6)
     assert "test_loss" in results[False].metrics and "test_loss" not in results[True].metrics
+
+
+def test_suffixes_are_packed_in_order_into_rows_of_bounded_length():
+    assert chunks([10, 10, 10, 30, 5], 25) == [[0, 1], [2], [3], [4]]
+    assert chunks([10, 10], 1) == [[0], [1]]
+    assert chunks([3, 3, 3], 256) == [[0, 1, 2]]
