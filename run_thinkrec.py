@@ -48,8 +48,18 @@ from thinkrec.collaborative.models import load_cf_checkpoint
 from thinkrec.collaborative.training import history_matrix
 from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.data.records import check_same_records, load_items, load_records_dataset
+from thinkrec.data.records import check_same_records, load_candidates, load_items, load_records_dataset
 from thinkrec.evaluation.metrics import CI_RESAMPLES, compare_scores, compute_metrics, format_interval, format_metrics, interval_fields
+from thinkrec.evaluation.ranking import (
+    POOL_COLUMN,
+    TIES,
+    candidate_ranks,
+    candidate_rows,
+    describe_pools,
+    format_ranking,
+    pool_metrics,
+    resolve_ks,
+)
 from thinkrec.evaluation.reporting import model_card, plot_roc_curves, plot_training_curves, reason_body, verdict_of
 from thinkrec.experts.clusters import CLUSTER_METHODS, fit_user_clusters, train_user_vectors
 from thinkrec.training.backbones import hub_reference
@@ -74,6 +84,7 @@ STAGE_TEMPLATES = {"lora": "text_only", "projector": "collaborative", "joint": "
 STAGE_REASON_TEMPLATES = {"lora": "reflection_text_only", "projector": "reflection", "joint": "reflection"}
 SLOT_PLACEHOLDERS = ("<UserID>", "<TargetItemID>")
 SCORE_PROMPTS = ("recommendation", "reason")
+EVAL_PROTOCOLS = ("ctr", "ranking")
 LOSS_WEIGHTS = ("reason_bce_weight", "reason_lm_weight", "rec_bce_weight", "rec_lm_weight")
 
 
@@ -183,8 +194,27 @@ class DataArguments:
     title_keywords: int = field(
         default=0, metadata={"help": "Show every title in the prompts with up to this many of its keywords (extract_keywords.py); 0 = titles only."}
     )
+    eval_protocol: str = field(
+        default="ctr",
+        metadata={"help": "What predict measures: 'ctr' scores the test rows (AUC, UAUC, per-user HR/NDCG of their own rows); "
+                  "'ranking' does that and also ranks each test positive among its candidate pool (records prepared with "
+                  "num_candidates): HR@k, NDCG@k, MRR over pools, next to the CF model alone (docs/ranking.md)."},
+    )
+    ranking_ks: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "eval_protocol 'ranking': the cut-offs k of HR@k / NDCG@k, each at most the pool size; default "
+                  "those of 1, 5, 10, 20 that fit the pools."},
+    )
 
     def __post_init__(self):
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise InputError(f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {self.eval_protocol!r}.")
+        if self.ranking_ks is not None:
+            if self.eval_protocol != "ranking":
+                raise InputError(f"ranking_ks={self.ranking_ks} is read by eval_protocol 'ranking' only, but eval_protocol is "
+                                 f"{self.eval_protocol!r}.")
+            if not self.ranking_ks or any(k < 1 for k in self.ranking_ks) or len(set(self.ranking_ks)) != len(self.ranking_ks):
+                raise InputError(f"ranking_ks must be distinct integers >= 1, got {self.ranking_ks}.")
         for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -256,7 +286,10 @@ class ThinkRecTrainingArguments(TrainingArguments):
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, ThinkRecTrainingArguments]:
     """A `.json` file, flags, or both (flags override the file); unknown keys are an error."""
-    return parse_command_args((ModelArguments, DataArguments, ThinkRecTrainingArguments), argv)
+    model_args, data_args, training_args = parse_command_args((ModelArguments, DataArguments, ThinkRecTrainingArguments), argv)
+    if data_args.eval_protocol == "ranking" and not training_args.do_predict:
+        raise InputError("eval_protocol 'ranking' ranks the test pools when the run predicts: set do_predict.")
+    return model_args, data_args, training_args
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -287,6 +320,43 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets
             raise InputError(f"{data_args.records_dir}: the {name} split is empty.")
         splits[name] = seeded_subset(rows, size, seed) if name == "train" else seeded_user_subset(rows, size, seed)
     return splits, metadata
+
+
+@dataclass
+class RankingPools:
+    """eval_protocol 'ranking': one record per candidate of every pool (`candidate_rows`), the cut-offs and
+    the pools' counts (`describe_pools`, plus `pools_in_file`)."""
+
+    rows: datasets.Dataset
+    ks: tuple[int, ...]
+    summary: dict
+
+
+def load_ranking_pools(data_args: DataArguments, test: datasets.Dataset) -> RankingPools:
+    """The candidate rows of the records' pools, checked before any model loads. With max_test_samples, the
+    pools of the users in the test subset (whole users, so each keeps all its pools)."""
+    try:
+        pools, source = load_candidates(data_args.records_dir)
+    except MissingInputError as error:
+        raise MissingInputError(f"eval_protocol 'ranking': {error}") from None
+    pools_in_file = len(pools)
+    if data_args.max_test_samples is not None:
+        pools = pools[pools["UserID"].isin(set(test["UserID"]))].reset_index(drop=True)
+        logger.info("ranking: %d of the %d pools in %s, those of the %d users of the test subset", len(pools), pools_in_file,
+                    source, len(set(test["UserID"])))
+        if len(pools) == 0:
+            raise InputError(f"{source}: none of its {pools_in_file} pools belongs to the {len(set(test['UserID']))} users of "
+                             f"the test subset (max_test_samples={data_args.max_test_samples}); raise max_test_samples.")
+    rows = candidate_rows(pools, test.to_pandas(), load_items(data_args.records_dir), source,
+                          test_source=f"{data_args.records_dir} test split")
+    summary = {**describe_pools(rows), "pools_in_file": pools_in_file}
+    ks = resolve_ks(data_args.ranking_ks, summary["pool_size"])
+    if summary["pools_without_history"]:
+        logger.info("ranking: %d pool(s) of users with no history; their prompts show the empty history as the test "
+                    "rows do", summary["pools_without_history"])
+    features = datasets.Features({POOL_COLUMN: datasets.Value("int64"),
+                                  **{name: test.features[name] for name in rows.columns if name != POOL_COLUMN}})
+    return RankingPools(datasets.Dataset.from_pandas(rows, features=features, preserve_index=False), ks, summary)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -510,8 +580,48 @@ def generate_reasons(model, processor, rows: list[dict], scores: np.ndarray, thr
     return texts
 
 
-def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args, out: Optional[Path] = None) -> dict:
-    """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons.
+def score_candidates(trainer, rows: datasets.Dataset) -> dict:
+    """The per-row outputs of `trainer.predict` on the ranking pools' rows: scores, and the CF model's own
+    scores when the model holds CF tables (every rank runs it; no CTR metrics on these rows)."""
+    fields, compute = trainer.prediction_fields, trainer.compute_metrics
+    trainer.prediction_fields, trainer.compute_metrics = ("scores", "cf_scores"), None
+    try:
+        return trainer.predict(rows, metric_key_prefix="ranking").predictions
+    finally:
+        trainer.prediction_fields, trainer.compute_metrics = fields, compute
+
+
+def ranking_results(pools: RankingPools, outputs: dict, model, cf, out: Path) -> dict:
+    """HR@k / NDCG@k / MRR over the pools for this model and for the CF model alone on the same rows, printed
+    and returned (the "ranking" entry of test_results.json); one row per candidate in
+    ranking_predictions.parquet (rank: pessimistic, as the metrics count it)."""
+    rows = pools.rows
+    pool_ids, labels = np.asarray(rows[POOL_COLUMN]), np.asarray(rows["label"])
+    scores = np.asarray(outputs["scores"], dtype=np.float64).reshape(-1)
+    result = {**pools.summary, "ks": list(pools.ks), "ties": TIES, **pool_metrics(pool_ids, labels, scores, pools.ks)}
+    predictions = pd.DataFrame({POOL_COLUMN: pool_ids, "UserID": np.asarray(rows["UserID"]),
+                                "TargetItemID": np.asarray(rows["TargetItemID"]), "label": labels,
+                                "score": 1 / (1 + np.exp(-scores)), "logit": scores, "rank": candidate_ranks(pool_ids, scores)})
+    if "cf_scores" in outputs:
+        cf_scores, cf_name = np.asarray(outputs["cf_scores"], dtype=np.float64).reshape(-1), model.config.cf_model_type
+    elif cf is not None:
+        cf_scores, cf_name = external_cf_scores(cf, rows), cf.model_type
+    else:
+        cf_scores = None
+    if cf_scores is not None:
+        predictions["cf_score"] = cf_scores
+        predictions["cf_rank"] = candidate_ranks(pool_ids, cf_scores)
+        result["cf_alone"] = {"model": cf_name, **pool_metrics(pool_ids, labels, cf_scores, pools.ks)}
+    baseline = result.get("cf_alone")
+    print(format_ranking(result, baseline, names=("this model", f"{baseline['model']} alone" if baseline else "")))
+    atomic_write(out / "ranking_predictions.parquet", lambda temp: predictions.to_parquet(temp, index=False))
+    return strict_json(result)
+
+
+def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args, out: Optional[Path] = None,
+            pools: Optional[RankingPools] = None) -> dict:
+    """Test metrics, predictions file, ROC curve, comparison with the CF model, generated reasons, and with
+    `pools` (eval_protocol 'ranking') the ranking of every pool (`ranking_results`).
 
     Everything that runs the model runs on every rank: scores, the CF model's own scores and routing
     weights come from the forward passes of `trainer.predict` (gathered like the scores), and reason
@@ -535,6 +645,7 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
                                     training_args.per_device_eval_batch_size)
 
         texts = map_over_ranks(generate, list(range(count)))
+    pool_outputs = score_candidates(trainer, pools.rows) if pools is not None else None
     if not trainer.is_world_process_zero():
         return {}
     user_ids, labels = np.asarray(test["UserID"]), np.asarray(test["label"])
@@ -600,6 +711,8 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
     if cf_metrics is not None:
         result["cf_alone"] = strict_json(cf_metrics)
         result["vs_cf_alone"] = strict_json(versus_cf)
+    if pools is not None:
+        result["ranking"] = ranking_results(pools, pool_outputs, model, cf, out)
     write_json(result, out / "test_results.json")
     return result
 
@@ -663,6 +776,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
     staging = folder.staging
 
     splits, metadata = load_splits(data_args, training_args.seed)
+    # Bad pools stop here, before a model loads.
+    pools = load_ranking_pools(data_args, splits["test"]) if data_args.eval_protocol == "ranking" else None
     model, tokenizer, backbone, cf = build_model(model_args, training_args, metadata, splits["train"], data_args.records_dir,
                                                  write_dir=staging)
     template = data_args.template or default_template(training_args.stage, model_args.init_from)
@@ -688,6 +803,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
     collator = ThinkRecCollator(processor=processor)
     # The item table is read once, and only when the prompts show keywords.
     keywords = item_keywords(load_items(data_args.records_dir), f"{data_args.records_dir} item table") if processor.needs_keywords else None
+    if pools is not None and len(processor.templates) > 1:
+        logger.warning("ranking with %d templates: each row's template is picked by its (user, item), so the candidates "
+                       "of one pool may be asked different questions; use one template for a like-for-like ranking",
+                       len(processor.templates))
 
     train_rows = splits["train"]
     if data_args.reason_records:
@@ -702,6 +821,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
         if keywords is not None:  # cached maps like the tokenisation: the main process first, the other ranks read it
             train_rows = attach_keywords_to_dataset(train_rows, keywords)
             splits.update({name: attach_keywords_to_dataset(splits[name], keywords) for name in ("validation", "test")})
+            if pools is not None:
+                pools.rows = attach_keywords_to_dataset(pools.rows, keywords)
         if training_args.do_train:
             train_rows = tokenize_dataset(train_rows, processor, keep_columns=METRIC_COLUMNS, desc="tokenising train rows")
         if training_args.do_eval or training_args.eval_strategy != "no":
@@ -709,6 +830,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
                                                     desc="tokenising validation rows")
         if training_args.do_predict:
             splits["test"] = tokenize_dataset(splits["test"], processor, desc="tokenising test rows")
+            if pools is not None:
+                pools.rows = tokenize_dataset(pools.rows, processor, desc="tokenising the ranking pools' rows")
     defining_arguments = run_arguments(model_args, data_args, training_args, metadata)
     callbacks = [RunArgumentsCallback(defining_arguments)]
     if training_args.early_stopping_patience:
@@ -762,7 +885,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
 
     if training_args.do_predict:
         trainer.compute_metrics = metrics_for(splits["test"])
-        results.update(predict(trainer, model, cf, splits["test"], data_args, training_args, out=staging))
+        results.update(predict(trainer, model, cf, splits["test"], data_args, training_args, out=staging, pools=pools))
 
     if not training_args.do_train:
         # Collective: under ZeRO-3 / FSDP every rank takes part in gathering the weights it saves.

@@ -16,8 +16,9 @@ from thinkrec.data.records import save_prepared
 from thinkrec.training.backbones import smollm2_tokenizer_dir, tiny_llama
 
 
-def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0, output_format="parquet"):
-    """Ratings where even items are liked, so a model can learn something in a few steps."""
+def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0, output_format="parquet", num_candidates=0):
+    """Ratings where even items are liked, so a model can learn something in a few steps; `num_candidates` > 0
+    adds ranking pools."""
     rng = np.random.default_rng(seed)
     rows = []
     for user in range(num_users):
@@ -27,7 +28,8 @@ def write_records(directory, num_users=16, num_items=24, per_user=9, seed=0, out
     interactions = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
     items = pd.DataFrame({"item": [f"i{i}" for i in range(num_items)], "title": [f"Film {i} ({1960 + i})" for i in range(num_items)],
                           "genres": "", "description": ""})
-    records = prepare_records(InteractionLog(interactions, items, "toy"), RecordOptions(split_ratios=[0.6, 0.2, 0.2]))
+    options = RecordOptions(split_ratios=[0.6, 0.2, 0.2], num_candidates=num_candidates)
+    records = prepare_records(InteractionLog(interactions, items, "toy"), options)
     save_prepared(records, directory, output_format)
     return records.metadata
 

@@ -377,6 +377,22 @@ def load_items(directory: os.PathLike | str) -> pd.DataFrame:
     return _read_frame(Path(directory) / metadata["files"]["items"], metadata.get("output_format", "parquet"))
 
 
+def load_candidates(directory: os.PathLike | str) -> tuple[pd.DataFrame, str]:
+    """The ranking pools of a prepared folder (UserID, TargetItemID, CandidateItemIDs) and the file they come
+    from; a folder prepared without `num_candidates` is a `MissingInputError` saying how to add them."""
+    metadata = read_metadata(directory)
+    name = metadata["files"].get("candidates")
+    if name is None:
+        raise MissingInputError(
+            f"{directory}: the records have no candidate pools (metadata.json names no 'candidates' file); prepare "
+            f"them again with num_candidates: N (e.g. prepare_data.py ... --num_candidates 99 --output_dir {directory})."
+        )
+    path = Path(directory) / name
+    if not path.is_file():
+        raise MissingInputError(f"{directory}/metadata.json names the candidate pools {name}, which is missing; prepare the folder again.")
+    return _read_frame(path, metadata.get("output_format", "parquet")), str(path)
+
+
 def load_prepared(directory: os.PathLike | str) -> LoadedRecords:
     """Read a folder written by :func:`save_prepared` (or ``prepare_data.py``) into pandas frames."""
     directory = Path(directory)

@@ -17,7 +17,8 @@ from thinkrec.utils.files import write_json
 
 RUN_ARGUMENTS_NAME = "thinkrec_run_arguments.json"
 # What defines the weights a run trains (evaluation sizes, generation and logging do not).
-DATA_KEYS_NOT_DEFINING = ("max_eval_samples", "max_test_samples", "generate_reasons_for", "max_new_tokens")
+DATA_KEYS_NOT_DEFINING = ("max_eval_samples", "max_test_samples", "generate_reasons_for", "max_new_tokens", "eval_protocol",
+                          "ranking_ks")
 TRAINING_KEYS = ("stage", "reasoning_share", "reason_bce_weight", "reason_lm_weight", "rec_bce_weight", "rec_lm_weight",
                  "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "num_train_epochs",
                  "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "optim",

@@ -29,7 +29,7 @@ KNOWN_OUTPUTS = (
     "configuration_thinkrec.py", "modeling_thinkrec.py", "sasrec_thinkrec.py", "experts_thinkrec.py", "processing_thinkrec.py",
     "train_results.json", "eval_results.json", "test_results.json", "all_results.json", "trainer_state.json",
     "test_predictions.parquet", "roc_curve.png", "training_curves.png", "generation_settings.json",
-    "user_clusters.json", "user_clusters.parquet", "README.md",
+    "user_clusters.json", "user_clusters.parquet", "ranking_predictions.parquet", "README.md",
 )
 
 
