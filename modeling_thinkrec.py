@@ -1025,6 +1025,11 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         self.train(was_training)
         return torch.sigmoid(outputs.scores)
 
+    def recommend(self, processor, user, candidates, **kwargs):
+        """The top-k of `candidates` for `user` ([`ThinkRecProcessor.recommend`], same arguments)."""
+        return processor.recommend(self, user, candidates, **kwargs)
+
+
 
 def add_slot_tokens(tokenizer, user_slot_token: str, item_slot_token: str) -> tuple[int, int]:
     """Add the user/item slot tokens as special tokens (idempotent); return their ids. They never

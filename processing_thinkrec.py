@@ -9,12 +9,15 @@ training pipeline maps the same `encode` over its records, so a Hub user's promp
 """
 
 import functools
+import numbers
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+from transformers.utils import logging
 
 
 # Imported two ways, like the other checkpoint files: relatively inside a checkpoint's remote code,
@@ -49,6 +52,13 @@ REQUIRED_FIELDS = (*RECORD_FIELDS, "label", "mode")
 # Per-row outputs of `encode` (the columns the training pipeline caches) and the model's inputs.
 ENCODED_COLUMNS = ("prompt_ids", "answer_ids", "user_slot_ids", "item_slot_ids", "history_item_ids", "prompt_length", "answer_length")
 MODEL_INPUTS = ("input_ids", "attention_mask", "user_slot_ids", "item_slot_ids", "history_item_ids", "user_ids")
+# A generated reason starts with the verdict of its row's score: P(Yes) >= threshold gives "Yes.".
+VERDICTS = ("No.", "Yes.")
+# `recommend`: what a user record holds (the target comes from each candidate) and what a candidate gives.
+USER_FIELDS = ("UserID", "HisItemIDs", "HisItemTitles")
+CANDIDATE_FIELDS = ("TargetItemID", "TargetItemTitle", "TargetItemKeywords")
+
+logger = logging.get_logger(__name__)
 
 
 class ProcessorInputError(ValueError):
@@ -90,6 +100,22 @@ def _liked_history(record: Mapping) -> list[int]:
     return [int(item_id) for item_id, label in zip(record["HisItemIDs"], _history_labels(record)) if label == 1]
 
 
+def _is_item_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass
+class Recommendation:
+    """One of `ThinkRecProcessor.recommend`'s top-k: rank (1 = best), the item, its P(Yes) and, when
+    reasons were asked for, the generated reason (it starts with the verdict of `score`)."""
+
+    rank: int
+    item_id: int
+    title: str
+    score: float
+    reason: str | None = None
+
+
 def _pad(rows: list[list[int]], left: bool) -> torch.Tensor:
     """[B, max_len] LongTensor padded with 0 (the padding id of every CF table)."""
     width = max((len(row) for row in rows), default=0)
@@ -128,6 +154,7 @@ class ThinkRecProcessor(ProcessorMixin):
     inputs = processor({"UserID": 42, "HisItemIDs": [10, 31], "HisItemTitles": ["Heat (1995)", "Fargo (1996)"],
                         "TargetItemID": 7, "TargetItemTitle": "Alien (1979)"})
     p_yes = model.score(**inputs)                                  # [1]
+    top = processor.recommend(model, user, candidates, top_k=10)   # a user's candidates ranked (docs/recommend.md)
     ```
     """
 
@@ -483,15 +510,16 @@ class ThinkRecProcessor(ProcessorMixin):
         batch["history_item_ids"] = _pad([feature["history_item_ids"] for feature in features], left=True)
         return batch
 
-    def __call__(self, records, include_answers: bool = False, mode: str | None = None) -> BatchFeature:
+    def __call__(self, records, include_answers: bool = False, mode: str | None = None, rows=None) -> BatchFeature:
         """Model inputs for one record (a dict) or a list of them. `mode="reason"` renders every row with
         the reason template (for generating the verdict and explanation). Without answers the batch holds
-        MODEL_INPUTS (for `model.score` / `model.generate`); with them, the training batch (labels too)."""
+        MODEL_INPUTS (for `model.score` / `model.generate`); with them, the training batch (labels too).
+        `rows` names the records in error messages (default 0..n-1)."""
         records = [records] if isinstance(records, Mapping) else list(records)
         if mode is not None:
             records = [{**record, "mode": mode} for record in records]
         required = REQUIRED_FIELDS if include_answers else RECORD_FIELDS
-        encoded = self.encode(records, with_answers=include_answers, required=required)
+        encoded = self.encode(records, rows=rows, with_answers=include_answers, required=required)
         features = [{**record, **{name: values[row] for name, values in encoded.items()}} for row, record in enumerate(records)]
         batch = self.pad(features, include_answers=include_answers)
         if not include_answers:
@@ -502,9 +530,149 @@ class ThinkRecProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return list(MODEL_INPUTS)
 
+    # ---------------------------------------------------------------------------------- generation and ranking
+
+    def generate_reasons(self, model, records: list[Mapping], scores, threshold: float = 0.5, max_new_tokens: int = 128,
+                         batch_size: int = 8, rows=None, **generate_kwargs) -> list[str]:
+        """One decision per record: the verdict is its score's (P(Yes) `scores[i]` >= `threshold` gives "Yes."),
+        written as the first answer tokens after the reason prompt, and the model generates the reason after
+        it (with the injected vectors, under its generation config: greedy, stopping at EOS). Returns
+        "Yes. <reason>" / "No. <reason>" per record. `rows` names the records in errors; `generate_kwargs`
+        go to `model.generate` (e.g. `synced_gpus`)."""
+        probabilities = [float(p) for p in scores]
+        if len(probabilities) != len(records):
+            raise ValueError(f"generate_reasons: {len(records)} records but {len(probabilities)} scores.")
+        rows = list(range(len(records))) if rows is None else list(rows)
+        tokenizer = self.tokenizer
+        verdict_ids = dict(zip(VERDICTS, tokenizer(list(VERDICTS), add_special_tokens=False)["input_ids"]))
+        texts = []
+        model.eval()
+        for start in range(0, len(records), batch_size):
+            chunk = [{**record, "mode": "reason"} for record in records[start : start + batch_size]]
+            verdicts = [VERDICTS[int(p >= threshold)] for p in probabilities[start : start + len(chunk)]]
+            encoded = self.encode(chunk, rows=rows[start : start + len(chunk)], with_answers=False, required=RECORD_FIELDS)
+            features = [{**record, **{name: values[i] for name, values in encoded.items()}} for i, record in enumerate(chunk)]
+            for feature, verdict in zip(features, verdicts):
+                feature["prompt_ids"] = list(feature["prompt_ids"]) + verdict_ids[verdict]
+            batch = self.pad(features, include_answers=False)
+            batch = {name: batch[name].to(model.device) for name in MODEL_INPUTS}
+            new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+            # GenerationMixin returns the prompt followed by the answer; the verdict is decoded with what follows it.
+            for generated, verdict in zip(new_tokens[:, batch["input_ids"].shape[1] :].tolist(), verdicts):
+                texts.append(tokenizer.decode(verdict_ids[verdict] + generated, skip_special_tokens=True).strip())
+        return texts
+
+    def recommendation_records(self, user: Mapping, candidates, top_k: int = 10, items: Mapping | None = None) -> list[dict]:
+        """The record of every candidate for `user` (see `recommend`), after the checks that stop on bad input
+        naming the user or item: a user record without its fields, a candidate without id or title, an id
+        not in `items`, a candidate listed twice, an empty list, `top_k` < 1 or over the number of candidates."""
+        if not isinstance(user, Mapping):
+            raise ProcessorInputError(f"user: expected one user record (a mapping with {list(USER_FIELDS)}), found {type(user).__name__}.")
+        who = f"user {user['UserID']}" if "UserID" in user else "the user record"
+        missing = [name for name in USER_FIELDS if name not in user]
+        if missing:
+            raise ProcessorInputError(f"{who}: missing fields {missing}; a user record needs {list(USER_FIELDS)} (docs/recommend.md).")
+        targets = [name for name in CANDIDATE_FIELDS if name in user]
+        if targets:
+            raise ProcessorInputError(f"{who}: the user record holds {targets}; the targets are the candidates, so leave them out.")
+        if isinstance(candidates, (str, bytes, Mapping)) or not hasattr(candidates, "__iter__"):
+            raise ProcessorInputError(f"{who}: candidates must be a list of items, found {type(candidates).__name__}.")
+        candidates = list(candidates)
+        if not candidates:
+            raise ProcessorInputError(f"{who}: the candidate list is empty; give at least one item to rank.")
+        if not _is_item_id(top_k) or top_k < 1:
+            raise ProcessorInputError(f"{who}: top_k must be an integer >= 1, got {top_k!r}.")
+        if top_k > len(candidates):
+            raise ProcessorInputError(f"{who}: top_k={top_k} is more than the {len(candidates)} candidates; ask for at most {len(candidates)}.")
+        records, positions = [], {}
+        for position, candidate in enumerate(candidates):
+            fields = self._candidate_fields(candidate, position, items, who)
+            item_id = fields["TargetItemID"]
+            if item_id in positions:
+                raise ProcessorInputError(f"{who}: candidate {item_id} is listed twice (positions {positions[item_id]} and "
+                                          f"{position}); each item is ranked once.")
+            positions[item_id] = position
+            records.append({**user, **fields, "mode": "rec"})
+        return records
+
+    @staticmethod
+    def _candidate_fields(candidate, position: int, items: Mapping | None, who: str) -> dict:
+        """A candidate's target fields: its own, then what `items` holds for its id (a title, or a mapping of fields)."""
+        if isinstance(candidate, Mapping):
+            if "TargetItemID" not in candidate:
+                raise ProcessorInputError(f"{who}: candidate at position {position} has no TargetItemID (fields {sorted(candidate)}).")
+            fields = dict(candidate)
+        elif _is_item_id(candidate):
+            fields = {"TargetItemID": candidate}
+        else:
+            raise ProcessorInputError(f"{who}: candidate at position {position} is {candidate!r}; expected a mapping with TargetItemID "
+                                      "and TargetItemTitle, or an integer item id looked up in `items`.")
+        if not _is_item_id(fields["TargetItemID"]):
+            raise ProcessorInputError(f"{who}: candidate at position {position} has TargetItemID {fields['TargetItemID']!r}; "
+                                      "item ids are integers.")
+        item_id = fields["TargetItemID"] = int(fields["TargetItemID"])
+        if items is not None:
+            if item_id not in items:
+                raise ProcessorInputError(f"{who}: candidate {item_id} is not in the item table ({len(items)} items).")
+            entry = items[item_id]
+            fields = {**({"TargetItemTitle": entry} if isinstance(entry, str) else dict(entry)), **fields}
+        title = fields.get("TargetItemTitle")
+        if not isinstance(title, str) or not title.strip():
+            found = "none" if title is None else repr(title)
+            hint = "give its TargetItemTitle" + ("" if items is not None else ", or pass `items` (item id -> title)")
+            raise ProcessorInputError(f"{who}: candidate {item_id} has no title (TargetItemTitle: {found}); {hint}.")
+        return fields
+
+    def recommend(self, model, user: Mapping, candidates, top_k: int = 10, reasons: bool = False, items: Mapping | None = None,
+                  batch_size: int = 32, max_new_tokens: int = 128, threshold: float = 0.5) -> list[Recommendation]:
+        """The `top_k` of `candidates` for `user`, best first by P(Yes) (`model.score`, every batch of a
+        user's candidates from one encoding of the prompt they share); with `reasons`, a generated reason
+        for each of them that starts with its score's verdict (`generate_reasons`, P(Yes) >= `threshold`).
+
+        user: one user record: UserID, HisItemIDs, HisItemTitles (oldest first), optional HisItemLabels, and
+            HisItemKeywords when the prompts show keywords; no target. An empty history is scored as
+            `model.score` scores any record without one (the list reads `empty_history_text`).
+        candidates: items to rank, each a mapping with TargetItemID and TargetItemTitle (TargetItemKeywords
+            when the prompts show keywords), or a bare integer item id when `items` is given.
+        items: {item id: title, or a mapping of candidate fields}; with it every candidate must be in it,
+            and it fills the fields a candidate lacks.
+        Ties in score keep the candidates' given order. Bad input stops with a `ProcessorInputError` naming
+        the user and the item; ids outside the model's CF tables are the model's own message, with the
+        user and the candidates of the batch added.
+
+        ```python
+        top = processor.recommend(model, user, [{"TargetItemID": 5, "TargetItemTitle": "Big (1988)"}, ...], top_k=3)
+        [(r.rank, r.item_id, r.title, round(r.score, 3)) for r in top]
+        ```
+        """
+        records = self.recommendation_records(user, candidates, top_k, items)
+        who = f"user {user['UserID']}"
+        if len(user["HisItemIDs"]) == 0:
+            logger.warning("%s has no history: every candidate is scored without one (the list reads %r).", who, self.empty_history_text)
+        if batch_size < 1:
+            raise ProcessorInputError(f"batch_size must be >= 1, got {batch_size}.")
+        rows = [f"({who}, candidate {record['TargetItemID']})" for record in records]
+        scores = []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            batch = self(chunk, rows=rows[start : start + len(chunk)]).to(model.device)
+            try:
+                scores += model.score(**batch, shared_prefix=True).float().tolist()
+            except ValueError as error:  # the model's own input checks (ids outside its CF tables, slots)
+                ids = [record["TargetItemID"] for record in chunk]
+                raise ProcessorInputError(f"{who}, candidates {ids} (batch rows 0..{len(chunk) - 1}): {error}") from error
+        # Best first; equal scores keep the given order (Python's sort is stable).
+        order = sorted(range(len(records)), key=lambda i: -scores[i])[:top_k]
+        texts = [None] * len(order)
+        if reasons:
+            texts = self.generate_reasons(model, [records[i] for i in order], [scores[i] for i in order], threshold,
+                                          max_new_tokens, batch_size, rows=[rows[i] for i in order])
+        return [Recommendation(rank, records[i]["TargetItemID"], records[i]["TargetItemTitle"], scores[i], text)
+                for rank, (i, text) in enumerate(zip(order, texts), start=1)]
+
 
 ThinkRecProcessor.register_for_auto_class("AutoProcessor")
 AutoProcessor.register(ThinkRecConfig, ThinkRecProcessor, exist_ok=True)
 
 
-__all__ = ["ThinkRecProcessor", "ProcessorInputError", "asks_for_disliked_titles", "check_template", "uses_keywords"]
+__all__ = ["Recommendation", "ThinkRecProcessor", "ProcessorInputError", "asks_for_disliked_titles", "check_template", "uses_keywords"]

@@ -43,7 +43,6 @@ from transformers import (
 from configuration_thinkrec import ROUTING_RULES, SCORE_TYPES, ThinkRecConfig
 from data_collator import METRIC_COLUMNS, ThinkRecCollator, build_processor, input_errors, load_templates, raw_record, tokenize_dataset
 from modeling_thinkrec import TRAINING_STAGES, ThinkRecForCausalLM
-from processing_thinkrec import MODEL_INPUTS, RECORD_FIELDS
 from thinkrec.collaborative.models import load_cf_checkpoint
 from thinkrec.collaborative.training import history_matrix
 from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
@@ -549,35 +548,16 @@ def external_cf_scores(cf, dataset: datasets.Dataset) -> np.ndarray:
         return (users.float() * cf.item_table.float()[torch.tensor(dataset["TargetItemID"])]).sum(-1).numpy()
 
 
-VERDICTS = ("No.", "Yes.")
 
 
 def generate_reasons(model, processor, rows: list[dict], scores: np.ndarray, threshold: float, max_new_tokens: int,
                      batch_size: int) -> list[str]:
-    """One decision per row: the verdict is the score's (P(Yes) >= `threshold` → "Yes."), written as the
-    first answer tokens after the reason prompt, and the model generates the reason after it (with the
-    injected vectors, greedy, stopping at EOS). Returns "Yes. <reason>" / "No. <reason>" per row."""
-    tokenizer = processor.tokenizer
-    verdict_ids = dict(zip(VERDICTS, tokenizer(list(VERDICTS), add_special_tokens=False)["input_ids"]))
+    """One decision per row (`ThinkRecProcessor.generate_reasons`): the verdict is the score's, the model
+    writes the reason after it. `scores` are logits; rows are rendered again from their raw fields."""
     probabilities = 1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))
-    texts = []
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        # Rendered again from the raw fields: cached rows hold the recommendation prompt, not the reason one.
-        records = [{**raw_record(row), "mode": "reason"} for row in rows[start : start + batch_size]]
-        verdicts = [VERDICTS[int(p >= threshold)] for p in probabilities[start : start + len(records)]]
-        with input_errors():
-            encoded = processor.encode(records, with_answers=False, required=RECORD_FIELDS)
-        features = [{**record, **{name: values[i] for name, values in encoded.items()}} for i, record in enumerate(records)]
-        for feature, verdict in zip(features, verdicts):
-            feature["prompt_ids"] = list(feature["prompt_ids"]) + verdict_ids[verdict]
-        batch = processor.pad(features, include_answers=False)
-        batch = {key: batch[key].to(model.device) for key in MODEL_INPUTS}
-        new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, synced_gpus=synced_generation())
-        # GenerationMixin returns the prompt followed by the answer; the verdict is decoded with what follows it.
-        for row, verdict in zip(new_tokens[:, batch["input_ids"].shape[1]:].tolist(), verdicts):
-            texts.append(tokenizer.decode(verdict_ids[verdict] + row, skip_special_tokens=True).strip())
-    return texts
+    with input_errors():
+        return processor.generate_reasons(model, [raw_record(row) for row in rows], probabilities, threshold,
+                                          max_new_tokens, batch_size, synced_gpus=synced_generation())
 
 
 def score_candidates(trainer, rows: datasets.Dataset) -> dict:

@@ -235,3 +235,20 @@ def load_checkpoint(folder: str, field: str, **kwargs):
                 check_model_folder(base_source, base_field)
     model = ThinkRecForCausalLM.from_pretrained(source, **kwargs)
     return model, load_tokenizer(source, field)
+
+
+def load_processor(folder: str, field: str):
+    """The `ThinkRecProcessor` saved in a ThinkRec model folder (its prompt templates and tokenizer), after
+    checking that a local folder holds `processor_config.json` and a tokenizer."""
+    # modeling_thinkrec registers ThinkRecConfig with AutoConfig: without it the tokenizer's load reads the
+    # folder's config.json as remote code and asks whether to run it.
+    import modeling_thinkrec  # noqa: F401
+    from processing_thinkrec import ThinkRecProcessor
+
+    source = model_source(folder, field)
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "processor_config.json")):
+            raise MissingInputError(f"{field}={folder}: no processor_config.json (the prompt templates the model was trained "
+                                    "with); run_thinkrec.py saves it in every output folder and checkpoint.")
+        check_tokenizer(source, field)
+    return ThinkRecProcessor.from_pretrained(source)
