@@ -8,7 +8,7 @@
 Steps: score the train split (optionally a seeded subset) and the validation split with
 `ThinkRecForCausalLM.score`; choose the decision threshold on validation (the one that maximises
 accuracy, or F1); take the train rows the model gets wrong at that threshold; explain them with the
-chosen source (`synthesised`, `local` or `remote`, see thinkrec/reasons/sources.py); write the kept reasons as a
+chosen source (`synthesised`, `local` or `remote`, see thinkrec/reasons/); write the kept reasons as a
 reasoning split (record columns, `mode="reason"`) and a summary. Train on it with
 `run_thinkrec.py --reason_records <file>`; run the loop again on the new model to refresh it.
 """
@@ -38,7 +38,7 @@ from thinkrec.reasons.reflection import (
     choose_threshold,
     score_rows,
 )
-from thinkrec.reasons.sources import SynthesisedReasons
+from thinkrec.reasons.synthesised import SynthesisedReasons
 from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_checkpoint, load_kwargs
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command

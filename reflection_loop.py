@@ -40,8 +40,7 @@ import reflect
 import run_thinkrec
 from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.records import load_prepared
-from thinkrec.reasons.reflection import SourceArguments, build_source
-from thinkrec.reasons.sources import SOURCES
+from thinkrec.reasons.reflection import SOURCES, SourceArguments, build_source
 from thinkrec.utils.arguments import parse_args as parse_command_args
 from thinkrec.utils.arguments import run_command
 from thinkrec.utils.errors import InputError, MissingInputError

@@ -21,7 +21,7 @@ from thinkrec.data.keywords import (
     tfidf_keywords,
 )
 from thinkrec.data.records import load_items, load_prepared
-from thinkrec.reasons.sources import RemoteTeacher
+from thinkrec.reasons.remote_teacher import RemoteTeacher
 from thinkrec.utils.errors import ExistingOutputError, InputError
 
 

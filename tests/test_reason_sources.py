@@ -18,22 +18,21 @@ import pandas as pd
 import pytest
 from _scripted_server import ScriptedServer
 
-from thinkrec.reasons.sources import (
+from thinkrec.reasons.base import (
     FAILED,
     KEPT,
     REJECTED_VERDICT,
-    LocalTeacher,
-    ReasonCache,
     ReasonSource,
-    RemoteTeacher,
-    SynthesisedReasons,
     cap_length,
     normalise_verdict,
     split_sentences,
-    teacher_prompt,
-    teacher_system,
     word_count,
 )
+from thinkrec.reasons.cache import ReasonCache
+from thinkrec.reasons.local_teacher import LocalTeacher
+from thinkrec.reasons.prompts import teacher_prompt, teacher_system
+from thinkrec.reasons.remote_teacher import RemoteTeacher
+from thinkrec.reasons.synthesised import SynthesisedReasons
 from thinkrec.utils.errors import InputError
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from thinkrec.data.items import split_genres, strip_year
+from thinkrec.reasons.cache import ReasonCache
 from thinkrec.utils.errors import InputError
 
 
@@ -190,11 +191,9 @@ def parse_keywords(text: Optional[str], max_keywords: int = MAX_KEYWORDS) -> lis
 def teacher_keywords(teacher, items: pd.DataFrame, cache_path: Optional[str | Path], model_name: str,
                      item_noun: str = "item", max_keywords: int = MAX_KEYWORDS, block: int = 64
                      ) -> tuple[dict[int, list[str]], KeywordCounters]:
-    """{ItemID: keywords} from a `LocalTeacher` or `RemoteTeacher` (thinkrec.reasons.sources), asked
+    """{ItemID: keywords} from a `LocalTeacher` or `RemoteTeacher` (thinkrec/reasons/), asked
     with the published extraction prompt on the item text cut to 100 words. Usable answers are cached
     (JSON lines keyed by ItemID and `model_name`) after every `block` items, so a rerun resumes."""
-    from thinkrec.reasons.sources import ReasonCache
-
     rows, counters = _rows(items), KeywordCounters()
     cache = ReasonCache(cache_path, model_name, key_fields=("ItemID",)) if cache_path else None
     result: dict[int, list[str]] = {}

@@ -1,5 +1,6 @@
 """Reflection: find a trained model's mistakes and choose the rows to explain. The command is
-`reflect.py` at the repository root; the reason sources are in `thinkrec.reasons.sources`."""
+`reflect.py` at the repository root; the reason sources are in `thinkrec.reasons`
+(`synthesised`, `local_teacher`, `remote_teacher`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ import numpy as np
 import pandas as pd
 
 from thinkrec.data.nouns import item_nouns_from_metadata
-from thinkrec.reasons.sources import SOURCES, LocalTeacher, RemoteTeacher, SynthesisedReasons
+from thinkrec.reasons.local_teacher import LocalTeacher
+from thinkrec.reasons.remote_teacher import RemoteTeacher
+from thinkrec.reasons.synthesised import SynthesisedReasons
 from thinkrec.training.loading import DTYPE_CHOICES, inference_device_map, load_kwargs
 from thinkrec.utils.errors import InputError
 from thinkrec.utils.subsets import seeded_subset
 
 
+SOURCES = ("synthesised", "local", "remote")
 THRESHOLD_METRICS = ("accuracy", "f1")
 
 
 @dataclass
 class TeacherArguments:
-    """A local HF teacher or an OpenAI-compatible remote one (thinkrec/reasons/sources.py); used for
+    """A local HF teacher or an OpenAI-compatible remote one (thinkrec/reasons/local_teacher.py,
+    remote_teacher.py); used for
     reasons (reflect.py) and for item keywords (extract_keywords.py)."""
 
     teacher_model: Optional[str] = field(default=None, metadata={"help": "local: HF causal LM path or id (default: bundled SmolLM2-135M-Instruct)."})
@@ -47,7 +52,7 @@ class TeacherArguments:
 
 @dataclass
 class SourceArguments(TeacherArguments):
-    """Where the reasons come from (thinkrec/reasons/sources.py)."""
+    """Where the reasons come from: one of `SOURCES` (thinkrec/reasons/)."""
 
     source: str = field(default="synthesised", metadata={"help": f"One of {SOURCES}."})
     max_reason_tokens: int = field(default=200, metadata={"help": "Cap per reason, in the trained model's tokens; cut at a sentence."})
