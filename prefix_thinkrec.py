@@ -98,7 +98,8 @@ def plan_groups(tokens: list[list[int]], keys: list) -> list[PrefixGroup]:
 
 # Suffixes packed into one row of the second pass, at most (tokens; a longer suffix gets a row of its
 # own). The packed row's attention grows with its length squared while the prefix cache is copied once
-# per row: a few hundred tokens keeps both small (benchmarks/ranking_speed.py measured the choice).
+# per row. On ML-1M pools of 100 (SmolLM2-135M, 2-core CPU, a noisy one-off sweep of 32..4096) 128 was
+# fastest; benchmarks/ranking_speed.py measures the result against per-row scoring.
 PACKED_ROW_TOKENS = 128
 
 

@@ -58,3 +58,14 @@ def write_run_assets(root):
     write_backbone(root / "backbone")
     write_mf(root / "mf", metadata["num_users"], metadata["num_items"])
     return {"root": root, "records": root / "records", "backbone": root / "backbone", "mf": root / "mf", "metadata": metadata}
+
+
+def run(tmp_path, args, name="args.json"):
+    """`run_thinkrec.main` on `args` written as a JSON arguments file (the documented way to call it)."""
+    import json
+
+    import run_thinkrec
+
+    path = tmp_path / name
+    path.write_text(json.dumps(args))
+    return run_thinkrec.main([str(path)])

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_records
+from _run_fixtures import REPO_ROOT, run, write_backbone, write_mf, write_records
 from safetensors.torch import load_file
 
 import run_thinkrec
@@ -57,12 +57,6 @@ def run_arguments(assets, output_dir, **overrides):
             "seed": 3}
     args.update(overrides)
     return args
-
-
-def run(tmp_path, args, name="args.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(args))
-    return run_thinkrec.main([str(path)])
 
 
 def flat(pools_scores):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _run_fixtures import REPO_ROOT, write_backbone, write_mf, write_run_assets
+from _run_fixtures import REPO_ROOT, run, write_backbone, write_mf, write_run_assets
 from safetensors.torch import load_file
 
 import run_thinkrec
@@ -42,12 +42,6 @@ def arguments(assets, output_dir, **overrides):
     }
     args.update(overrides)
     return args
-
-
-def run(tmp_path, args, name="args.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(args))
-    return run_thinkrec.main([str(path)])
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,30 @@ def test_trainer_prediction_with_shared_prefixes_gives_per_row_predictions_in_da
     assert "test_loss" in results[False].metrics and "test_loss" not in results[True].metrics
 
 
+def test_the_evaluation_order_is_computed_once_per_dataset(tmp_path, monkeypatch):
+    import datasets
+    from transformers import TrainingArguments
+
+    import thinkrec.training.trainer as trainer_module
+    from data_collator import METRIC_COLUMNS, ThinkRecCollator, tokenize_dataset
+
+    model, tokenizer = make_model("mf")
+    records = [{**record, "label": i % 2, "not_cold": 1, "mode": "rec"} for i, record in enumerate(candidate_records(seed=13))]
+    processor = processor_for(tokenizer, model)
+    encoded = tokenize_dataset(datasets.Dataset.from_list(records), processor, keep_columns=METRIC_COLUMNS)
+    calls = []
+    order = trainer_module.prefix_order
+    monkeypatch.setattr(trainer_module, "prefix_order", lambda dataset: calls.append(1) or order(dataset))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, remove_unused_columns=False,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    args.shared_prefix_scoring = True
+    trainer = trainer_module.ThinkRecTrainer(model=model, args=args, data_collator=ThinkRecCollator(processor=processor))
+    first = trainer.predict(encoded).predictions
+    second = trainer.predict(encoded).predictions
+    np.testing.assert_array_equal(first, second)
+    assert len(calls) == 1
+
+
 def test_suffixes_are_packed_in_order_into_rows_of_bounded_length():
     assert chunks([10, 10, 10, 30, 5], 25) == [[0, 1], [2], [3], [4]]
     assert chunks([10, 10], 1) == [[0], [1]]

@@ -43,6 +43,7 @@ class ThinkRecTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._loss_part_sums = {"bce_loss": 0.0, "lm_loss": 0.0}
         self._loss_part_count = 0
+        self._eval_orders: dict = {}
 
     def _load_trained_weights_from(self, folder: str) -> bool:
         """Apply a small checkpoint's trained weights (thinkrec_weights.safetensors) if `folder` has one."""
@@ -87,7 +88,14 @@ class ThinkRecTrainer(Trainer):
         return bool(getattr(self.args, "shared_prefix_scoring", False))
 
     def _eval_order(self, dataset) -> Optional[np.ndarray]:
-        return prefix_order(dataset) if self.shares_prefixes else length_order(dataset)
+        """The evaluation order of `dataset`, computed once per dataset (the sampler and the evaluation loop
+        both need it, at every evaluation)."""
+        key = (getattr(dataset, "_fingerprint", None), self.shares_prefixes)
+        if key[0] is None:
+            return prefix_order(dataset) if self.shares_prefixes else length_order(dataset)
+        if key not in self._eval_orders:
+            self._eval_orders[key] = prefix_order(dataset) if self.shares_prefixes else length_order(dataset)
+        return self._eval_orders[key]
 
     def _get_eval_sampler(self, eval_dataset):
         order = self._eval_order(eval_dataset)
@@ -157,19 +165,15 @@ def length_order(dataset) -> Optional[np.ndarray]:
     return np.lexsort((-answer_length, -prompt_length))
 
 
-_sharing_reported: set = set()
-
-
 def prefix_order(dataset) -> Optional[np.ndarray]:
     """Rows of a tokenised dataset in token order of their prompts, so that rows sharing a prompt prefix
     (a user's candidates) fall into one batch and are scored from one encoding of it; None for raw
-    records. Logs once per dataset how much of the prompts neighbouring rows share."""
+    records. Logs how much of the prompts neighbouring rows share."""
     if not isinstance(dataset, datasets.Dataset) or "prompt_ids" not in dataset.column_names:
         return None
     prompts = dataset["prompt_ids"]
     order = np.array(sorted(range(len(prompts)), key=prompts.__getitem__), dtype=np.int64)
-    if dataset._fingerprint not in _sharing_reported and len(prompts):
-        _sharing_reported.add(dataset._fingerprint)
+    if len(prompts):
         total = sum(len(prompt) for prompt in prompts)
         shared = sum(common_length(prompts[a], prompts[b]) for a, b in zip(order[:-1], order[1:]))
         share = shared / max(total, 1)
