@@ -19,6 +19,7 @@ import torch
 from _run_fixtures import REPO_ROOT, run, write_backbone, write_mf, write_records
 from safetensors.torch import load_file
 
+import compare_predictions
 import run_thinkrec
 from data_collator import build_processor
 from modeling_thinkrec import add_slot_tokens
@@ -27,11 +28,14 @@ from thinkrec.evaluation.ranking import (
     POOL_COLUMN,
     candidate_ranks,
     candidate_rows,
+    compare_pool_scores,
     describe_pools,
+    pool_intervals,
     pool_metrics,
     resolve_ks,
     target_ranks,
 )
+from thinkrec.evaluation.metrics import user_resample_counts
 from thinkrec.utils.errors import InputError, MissingInputError
 
 
@@ -57,6 +61,13 @@ def run_arguments(assets, output_dir, **overrides):
             "seed": 3}
     args.update(overrides)
     return args
+
+
+def assert_same_intervals(found: dict, expected: dict):
+    """Two {name: number or [lo, hi]} dicts equal to 1e-12 (pytest.approx does not nest)."""
+    assert list(found) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(found[name], expected[name], rtol=0, atol=1e-12, err_msg=name)
 
 
 def flat(pools_scores):
@@ -339,6 +350,24 @@ def test_a_ranking_run_reports_what_its_per_candidate_scores_give_next_to_the_cf
                                                            on=["UserID", "TargetItemID"], suffixes=("", "_ctr"))
     assert len(targets) == ranking["n_pools"]
     np.testing.assert_allclose(targets["score"], targets["score_ctr"], atol=1e-5)
+    # Intervals: the bootstrap over users of both models, and this model - CF with the paired interval, as
+    # compare_predictions.py recomputes them from the file.
+    users, pool_ids = predictions["UserID"].to_numpy(), predictions[POOL_COLUMN].to_numpy()
+    labels = predictions["label"].to_numpy()
+    seed = ranking["ci95_seed"]
+    assert_same_intervals(ranking["ci95"], pool_intervals(pool_ids, users, labels, predictions["logit"].to_numpy(),
+                                                          ks=(1, 3, 5), seed=seed))
+    assert set(ranking["ci95"]) == {"hr@1", "hr@3", "hr@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr"}
+    for name, (lo, hi) in ranking["ci95"].items():
+        assert lo <= ranking[name] <= hi
+    versus = ranking["vs_cf_alone"]
+    assert (versus["pools"], versus["users"]) == (ranking["n_pools"], predictions["UserID"].nunique())
+    for name, entry in versus["metrics"].items():
+        assert entry["delta"] == pytest.approx(ranking[name] - ranking["cf_alone"][name], abs=1e-12)
+    rerun = compare_predictions.main([str(output / "ranking_predictions.parquet"), str(output / "ranking_predictions.parquet"),
+                                      "--score_column_a", "cf_score", "--score_column_b", "logit", "--seed", str(seed)])
+    assert_same_intervals({name: entry["ci95"] for name, entry in rerun["metrics"].items()},
+                          {name: entry["ci95"] for name, entry in versus["metrics"].items()})
 
 
 def test_two_cpu_ranks_rank_the_pools_like_one(ranking_run, tmp_path):
@@ -360,3 +389,88 @@ def test_two_cpu_ranks_rank_the_pools_like_one(ranking_run, tmp_path):
     for name in ("hr@1", "hr@3", "ndcg@3", "mrr"):
         assert ranking[name] == pytest.approx(results["ranking"][name]), name
         assert ranking["cf_alone"][name] == pytest.approx(results["ranking"]["cf_alone"][name]), name
+
+
+# --------------------------------------------------------------------------------------------- intervals
+
+
+def users_with_pools(pools_per_user, size=5, seed=0):
+    """Flat rows of pools (target first), the pools of user u numbered consecutively."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(len(pools_per_user)), pools_per_user)
+    pool_ids = np.repeat(np.arange(len(users)), size)
+    labels = np.tile(np.r_[1, np.zeros(size - 1, dtype=np.int64)], len(users))
+    return pool_ids, np.repeat(users, size), labels, rng.normal(size=len(labels))
+
+
+def test_pool_intervals_resample_users_with_all_their_pools():
+    """Each resample averages the pools of the drawn users, a user drawn twice counting twice: equal to the
+    metric recomputed on the copied pools, for the draws user_resample_counts gives."""
+    pool_ids, users, labels, scores = users_with_pools([5, 1, 3, 1, 2])
+    compared = compare_pool_scores(pool_ids, users, labels, scores, scores + 100 * labels, ks=(1, 3), resamples=1000, seed=7)
+    counts = user_resample_counts(5, 1000, 7)
+    per_pool = pool_metrics(pool_ids, labels, scores, (1, 3))
+    _, ranks, _ = target_ranks(pool_ids, labels, scores)
+    pool_users = users[::5]
+    by_hand = np.array([np.average(1 / ranks, weights=draw[pool_users]) for draw in counts])
+    assert compared["metrics"]["mrr"]["a"] == pytest.approx(per_pool["mrr"])
+    assert compared["metrics"]["mrr"]["ci95_a"] == pytest.approx(list(np.percentile(by_hand, [2.5, 97.5])))
+    # B ranks every target first: its HR@1 is 1 in every resample, so the delta's interval is 1 - A's.
+    assert compared["metrics"]["hr@1"]["b"] == 1.0
+    assert compared["metrics"]["hr@1"]["ci95"] == pytest.approx([1 - hi for hi in compared["metrics"]["hr@1"]["ci95_a"][::-1]])
+    assert compared["metrics"]["hr@1"]["verdict"] == "B better"
+    assert (compared["pools"], compared["users"]) == (12, 5)
+
+
+def test_the_same_scores_compare_to_a_zero_interval_and_the_seed_fixes_the_interval():
+    pool_ids, users, labels, scores = users_with_pools([3, 2, 4, 1, 2, 5, 1, 3, 2, 2], seed=3)
+    same = compare_pool_scores(pool_ids, users, labels, scores, scores.copy(), ks=(1,), resamples=1000, seed=1)
+    assert all(entry["ci95"] == [0.0, 0.0] and entry["verdict"].startswith("no difference") for entry in same["metrics"].values())
+    again = pool_intervals(pool_ids, users, labels, scores, ks=(1,), resamples=1000, seed=1)
+    assert again == {name: entry["ci95_a"] for name, entry in same["metrics"].items()}
+    assert again["mrr"] != pool_intervals(pool_ids, users, labels, scores, ks=(1,), resamples=1000, seed=2)["mrr"]
+
+
+def test_bad_interval_inputs_are_refused():
+    pool_ids, users, labels, scores = users_with_pools([2, 2])
+    with pytest.raises(InputError, match="unknown ranking metric 'auc'"):
+        compare_pool_scores(pool_ids, users, labels, scores, scores, metrics=["auc"])
+    with pytest.raises(InputError, match="k = 9 larger than pool"):
+        compare_pool_scores(pool_ids, users, labels, scores, scores, ks=(9,))
+    with pytest.raises(InputError, match="at least 1000"):
+        pool_intervals(pool_ids, users, labels, scores, ks=(1,), resamples=100)
+    mixed = users.copy()
+    mixed[1] = 1  # pool 0's second row names another user
+    with pytest.raises(ValueError, match="pool 0 has rows of more than one user"):
+        pool_intervals(pool_ids, mixed, labels, scores, ks=(1,))
+
+
+def test_compare_predictions_pairs_ranking_files_by_pool(tmp_path):
+    """A candidate can sit in two pools of one user: ranking files pair rows by (PoolID, TargetItemID), which
+    the (UserID, TargetItemID) pairing of test predictions would refuse as a repeated key."""
+    pool_ids, users, labels, scores = users_with_pools([2, 3], size=4)
+    items = np.tile([10, 11, 12, 13], len(np.unique(pool_ids)))  # the same items in every pool of a user
+    frame = pd.DataFrame({POOL_COLUMN: pool_ids, "UserID": users, "TargetItemID": items, "label": labels, "logit": scores,
+                          "cf_score": -scores})
+    frame.sample(frac=1, random_state=0).to_parquet(tmp_path / "a.parquet")
+    frame.to_parquet(tmp_path / "b.parquet")
+    result = compare_predictions.main([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "--score_column_a", "cf_score",
+                                       "--score_column_b", "logit"])
+    expected = compare_pool_scores(pool_ids, users, labels, -scores, scores, ks=(1,))
+    assert list(result["metrics"]) == list(expected["metrics"])
+    for name, entry in expected["metrics"].items():
+        assert result["metrics"][name]["verdict"] == entry["verdict"]
+        assert_same_intervals({key: result["metrics"][name][key] for key in ("a", "b", "ci95", "ci95_a")},
+                              {key: entry[key] for key in ("a", "b", "ci95", "ci95_a")})
+    assert list(result["metrics"]) == ["hr@1", "ndcg@1", "mrr"]  # the default cut-offs that fit pools of 4
+    frame.drop(columns=POOL_COLUMN).to_parquet(tmp_path / "ctr.parquet")
+    with pytest.raises(InputError, match="is a ranking predictions file .* but .* is a test predictions file"):
+        compare_predictions.main([str(tmp_path / "a.parquet"), str(tmp_path / "ctr.parquet")])
+    moved = frame.copy()
+    moved.loc[0, "UserID"] = 1
+    moved.to_parquet(tmp_path / "moved.parquet")
+    with pytest.raises(InputError, match=r"row 0 \(PoolID=0, TargetItemID=10\) has UserID 1 but row \d+ of .* has UserID 0"):
+        compare_predictions.main([str(tmp_path / "a.parquet"), str(tmp_path / "moved.parquet"), "--score_column", "logit"])
+    with pytest.raises(InputError, match="unknown ranking metric 'uauc'"):
+        compare_predictions.main([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "--metrics", "uauc",
+                                  "--score_column", "logit"])

@@ -509,57 +509,65 @@ def compare_scores(user_ids, labels, scores_a, scores_b, metrics: Sequence[str] 
 
 
 def match_predictions(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str = "A", name_b: str = "B",
-                      score_column_a: str = "score", score_column_b: str = "score") -> pd.DataFrame:
-    """Two prediction tables' rows paired by (UserID, TargetItemID): columns UserID, TargetItemID, label,
-    score_a, score_b, sorted by the keys (the files' row order does not matter).
+                      score_column_a: str = "score", score_column_b: str = "score",
+                      keys: Sequence[str] = PREDICTION_KEYS) -> pd.DataFrame:
+    """Two prediction tables' rows paired by `keys` (default (UserID, TargetItemID); a ranking file's rows by
+    (PoolID, TargetItemID)): columns `keys`, UserID, label, score_a, score_b, sorted by the keys (the files'
+    row order does not matter).
 
     An `InputError` names the file (`name_a` / `name_b`) and the first offending row (0-based, in file
     order) when a column is missing, a label is not 0/1, a score is not a finite number, a key repeats,
-    a row of one file is missing from the other, or the two files' labels differ."""
+    a row of one file is missing from the other, or the two files' labels (or users, when UserID is not a
+    key) differ."""
+    keys = list(keys)
+    carried = [] if "UserID" in keys else ["UserID"]
     checked = []
     for frame, name, score_column in ((frame_a, name_a, score_column_a), (frame_b, name_b, score_column_b)):
-        missing = [column for column in (*PREDICTION_KEYS, "label", score_column) if column not in frame.columns]
+        missing = [column for column in (*keys, *carried, "label", score_column) if column not in frame.columns]
         if missing:
             raise InputError(f"{name}: missing column(s) {missing}; found {list(frame.columns)}.")
-        table = pd.DataFrame({"UserID": frame["UserID"].to_numpy(), "TargetItemID": frame["TargetItemID"].to_numpy(),
+        table = pd.DataFrame({**{key: frame[key].to_numpy() for key in (*keys, *carried)},
                               "label": frame["label"].to_numpy(), "score": frame[score_column].to_numpy(), "row": np.arange(len(frame))})
         bad_label = ~table["label"].isin((0, 1)).to_numpy()
         if bad_label.any():
             position = int(np.flatnonzero(bad_label)[0])
-            raise InputError(f"{name}: row {position} ({_key_text(table, position)}) has label {_value(table, 'label', position)!r}; "
-                             "labels must be 0 or 1.")
+            raise InputError(f"{name}: row {position} ({_key_text(table, position, keys)}) has label "
+                             f"{_value(table, 'label', position)!r}; labels must be 0 or 1.")
         score = pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64)
         if not np.isfinite(score).all():
             position = int(np.flatnonzero(~np.isfinite(score))[0])
-            raise InputError(f"{name}: row {position} ({_key_text(table, position)}) has {score_column}="
+            raise InputError(f"{name}: row {position} ({_key_text(table, position, keys)}) has {score_column}="
                              f"{_value(table, 'score', position)!r}; scores must be finite numbers.")
         table["score"] = score
-        repeated = table.duplicated(list(PREDICTION_KEYS), keep="first").to_numpy()
+        repeated = table.duplicated(keys, keep="first").to_numpy()
         if repeated.any():
             position = int(np.flatnonzero(repeated)[0])
-            same_key = (table["UserID"] == table["UserID"].iloc[position]) & (table["TargetItemID"] == table["TargetItemID"].iloc[position])
-            raise InputError(f"{name}: row {position} repeats ({_key_text(table, position)}) of row {int(np.flatnonzero(same_key)[0])}; "
-                             "each (UserID, TargetItemID) must appear once to pair the two files' rows.")
+            same_key = np.logical_and.reduce([(table[key] == table[key].iloc[position]).to_numpy() for key in keys])
+            raise InputError(f"{name}: row {position} repeats ({_key_text(table, position, keys)}) of row "
+                             f"{int(np.flatnonzero(same_key)[0])}; each ({', '.join(keys)}) must appear once to pair the two "
+                             "files' rows.")
         checked.append(table)
     table_a, table_b = checked
-    for key in PREDICTION_KEYS:
+    for key in (*keys, *carried):
         kinds = [pd.api.types.is_numeric_dtype(table[key]) for table in checked]
         if kinds[0] != kinds[1]:
             raise InputError(f"{key} is {table_a[key].dtype} in {name_a} but {table_b[key].dtype} in {name_b}: "
                              "the files come from different records.")
-    merged = table_a.merge(table_b, on=list(PREDICTION_KEYS), how="outer", suffixes=("_a", "_b"), indicator=True)
+    merged = table_a.merge(table_b, on=keys, how="outer", suffixes=("_a", "_b"), indicator=True)
     for side, name, other, row_column in (("left_only", name_a, name_b, "row_a"), ("right_only", name_b, name_a, "row_b")):
         only = merged[(merged["_merge"] == side).to_numpy()].sort_values(row_column, ignore_index=True)
         if len(only):
-            raise InputError(f"{name}: row {int(only[row_column].iloc[0])} ({_key_text(only, 0)}) is not in {other}; {len(only)} "
-                             f"row(s) of {name} are missing from {other}. Compare predictions of the same test rows.")
-    differ = merged[(merged["label_a"] != merged["label_b"]).to_numpy()].sort_values("row_a", ignore_index=True)
-    if len(differ):
-        raise InputError(f"{name_b}: row {int(differ['row_b'].iloc[0])} ({_key_text(differ, 0)}) has label {int(differ['label_b'].iloc[0])} "
-                         f"but row {int(differ['row_a'].iloc[0])} of {name_a} has label {int(differ['label_a'].iloc[0])}; the files come "
-                         "from different records.")
-    merged = merged.sort_values(list(PREDICTION_KEYS), kind="stable", ignore_index=True)
-    return pd.DataFrame({"UserID": merged["UserID"], "TargetItemID": merged["TargetItemID"],
+            raise InputError(f"{name}: row {int(only[row_column].iloc[0])} ({_key_text(only, 0, keys)}) is not in {other}; "
+                             f"{len(only)} row(s) of {name} are missing from {other}. Compare predictions of the same test rows.")
+    for column in ("label", *carried):
+        differ = merged[(merged[f"{column}_a"] != merged[f"{column}_b"]).to_numpy()].sort_values("row_a", ignore_index=True)
+        if len(differ):
+            raise InputError(f"{name_b}: row {int(differ['row_b'].iloc[0])} ({_key_text(differ, 0, keys)}) has {column} "
+                             f"{_value(differ, column + '_b', 0)!r} but row {int(differ['row_a'].iloc[0])} of {name_a} has "
+                             f"{column} {_value(differ, column + '_a', 0)!r}; the files come from different records.")
+    merged = merged.sort_values(keys, kind="stable", ignore_index=True)
+    return pd.DataFrame({**{key: merged[key] for key in keys},
+                         **{column: merged[f"{column}_a"] for column in carried},
                          "label": merged["label_a"].astype(np.int64), "score_a": merged["score_a"], "score_b": merged["score_b"]})
 
 
@@ -569,8 +577,8 @@ def _value(table: pd.DataFrame, column: str, position: int):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _key_text(table: pd.DataFrame, position: int) -> str:
-    return f"UserID={_value(table, 'UserID', position)!r}, TargetItemID={_value(table, 'TargetItemID', position)!r}"
+def _key_text(table: pd.DataFrame, position: int, keys: Sequence[str] = PREDICTION_KEYS) -> str:
+    return ", ".join(f"{key}={_value(table, key, position)!r}" for key in keys)
 
 
 def compare_prediction_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str = "A", name_b: str = "B",

@@ -10,12 +10,15 @@ Ties are broken pessimistically: a candidate scoring exactly the target's score 
 target's rank is 1 + the number of other candidates scoring at least as high, and a constant scorer gets
 rank N (the worst), never 1. HR@k and NDCG@k come from :func:`thinkrec.evaluation.metrics.per_user_ranking`
 with each pool as one group (its ties are broken the same way).
+
+Intervals: :func:`pool_intervals` and :func:`compare_pool_scores` resample users, not pools (a user's pools
+share a history and move together): each resample draws the users with replacement and averages the
+metric over every pool of each drawn user, as `thinkrec.evaluation.metrics` does for the CTR metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -24,7 +27,18 @@ import pandas as pd
 
 from thinkrec.data.readers import DataFormatError
 from thinkrec.data.records import RECORD_FEATURES
-from thinkrec.evaluation.metrics import per_user_ranking
+from thinkrec.evaluation.metrics import (
+    CI_LEVEL,
+    CI_RESAMPLES,
+    _bounds,
+    _cell,
+    _check_resamples,
+    interval_verdict,
+    match_predictions,
+    per_user_ranking,
+    percentile_interval,
+    user_resample_counts,
+)
 from thinkrec.utils.errors import InputError
 
 
@@ -264,11 +278,135 @@ def pool_metrics(pool_ids, labels, scores, ks: Sequence[int] = DEFAULT_RANKING_K
 
 
 def format_ranking(metrics: dict, baseline: Optional[dict] = None, names: tuple[str, str] = ("this model", "CF alone")) -> str:
-    """A readable table of :func:`pool_metrics` results: one row per metric, a column for `baseline` too."""
+    """A readable table of :func:`pool_metrics` results: one row per metric, a column for `baseline` too, each
+    value with its 95% interval when the results carry one (``ci95``)."""
+    sides = [metrics] + ([baseline] if baseline is not None else [])
+    width = 32 if any("ci95" in side for side in sides) else 14
     lines = [f"ranking: {int(metrics['n_pools']):,} pools of {int(metrics['pool_size'])} candidates (the test positive and "
              f"{int(metrics['pool_size']) - 1} sampled items its user never interacted with); ties {TIES}",
-             f"{'metric':<10}{names[0]:>14}" + (f"{names[1]:>14}" if baseline is not None else "")]
+             f"{'metric':<10}" + "".join(f"{label:>{width}}" for label in names[:len(sides)])]
     for name in [*(f"{p}@{k}" for p in ("hr", "ndcg") for k in metrics["ks"]), "mrr"]:
-        cells = [metrics[name]] + ([baseline[name]] if baseline is not None else [])
-        lines.append(f"{name:<10}" + "".join("{:>14}".format("n/a" if math.isnan(v) else f"{v:.4f}") for v in cells))
+        cells = []
+        for side in sides:
+            cell = _cell(side[name])
+            if "ci95" in side:
+                cell += f" {_bounds(side['ci95'][name])}"
+            cells.append(f"{cell:>{width}}")
+        lines.append(f"{name:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ intervals
+
+POOL_METRICS = "hr@k, ndcg@k, mrr"
+
+
+def pool_metric_names(names: Sequence[str], ks: Sequence[int] = ()) -> list[str]:
+    """Checked metric names of the ranking protocol: ``hr@k``, ``ndcg@k`` (k a positive integer) and ``mrr``;
+    none given: HR@k and NDCG@k for `ks`, then MRR. Another name is an `InputError`."""
+    if not names:
+        return [f"{prefix}@{k}" for prefix in ("hr", "ndcg") for k in ks] + ["mrr"]
+    checked = []
+    for name in names:
+        base, at, k = name.strip().lower().partition("@")
+        if not ((base == "mrr" and not at) or (base in ("hr", "ndcg") and k.isdigit() and int(k) > 0)):
+            raise InputError(f"unknown ranking metric {name!r}: expected one of {POOL_METRICS} (k a positive integer).")
+        checked.append(name.strip().lower())
+    return checked
+
+
+def _pool_values(pool_ids, labels, scores, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(pools sorted, {metric: per-pool value}) with the definitions of :func:`pool_metrics`."""
+    pools, ranks, sizes = target_ranks(pool_ids, labels, scores)
+    values = {}
+    for name in names:
+        base, _, k = name.partition("@")
+        if base == "mrr":
+            values[name] = 1.0 / ranks
+            continue
+        if int(k) > sizes.min():
+            index = int(np.argmin(sizes))
+            raise InputError(f"k = {int(k)} larger than pool {pools[index].item()!r}, which holds {int(sizes[index])} "
+                             "candidates (HR@k would be 1 for every pool).")
+        hit = ranks <= int(k)
+        values[name] = hit.astype(np.float64) if base == "hr" else np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return pools, values
+
+
+def _pool_users(pool_ids, user_ids, pools: np.ndarray) -> np.ndarray:
+    """The user of each pool in `pools` (sorted pool ids); a pool whose rows name two users is a `ValueError`."""
+    frame = pd.DataFrame({"pool": np.asarray(pool_ids), "user": np.asarray(user_ids)})
+    users = frame.groupby("pool", sort=True)["user"].agg(["first", "nunique"])
+    if (users["nunique"] > 1).any():
+        pool = users.index[users["nunique"] > 1][0]
+        raise ValueError(f"pool {pool.item() if isinstance(pool, np.generic) else pool!r} has rows of more than one user.")
+    return users["first"].reindex(pools).to_numpy()
+
+
+def _user_replicates(values: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The mean over pools of `values` in each resample of `counts` (resamples x users), each pool weighted by
+    its user's draw count."""
+    sums = np.bincount(codes, weights=values, minlength=counts.shape[1])
+    pools_per_user = np.bincount(codes, minlength=counts.shape[1]).astype(np.float64)
+    return (counts @ sums) / (counts @ pools_per_user)
+
+
+def compare_pool_scores(pool_ids, user_ids, labels, scores_a, scores_b, metrics: Sequence[str] = (),
+                        ks: Sequence[int] = DEFAULT_RANKING_KS, resamples: int = CI_RESAMPLES, seed: int = 0,
+                        names: tuple[str, str] = ("A", "B")) -> dict:
+    """Two models ranking the same pools: each metric's value for A and B, delta = B - A, the 95% interval of
+    each (``ci95_a``, ``ci95_b``) and of the delta from a paired bootstrap over users (both models on the same
+    resamples; ``user_resample_counts`` over the users in sorted order), and a verdict. `metrics` default to
+    HR@k / NDCG@k for `ks` and MRR. Plain JSON (NaN aside), with the counts of pools and users."""
+    _check_resamples(resamples)
+    metric_names = pool_metric_names(metrics, ks)
+    pools, values_a = _pool_values(pool_ids, labels, scores_a, metric_names)
+    _, values_b = _pool_values(pool_ids, labels, scores_b, metric_names)
+    pool_users = _pool_users(pool_ids, user_ids, pools)
+    users, codes = np.unique(pool_users, return_inverse=True)
+    counts = user_resample_counts(len(users), resamples, seed).astype(np.float64)
+    results = {}
+    for name in metric_names:
+        replicates_a = _user_replicates(values_a[name], counts, codes)
+        replicates_b = _user_replicates(values_b[name], counts, codes)
+        a, b = float(values_a[name].mean()), float(values_b[name].mean())
+        interval = percentile_interval(replicates_b - replicates_a)
+        results[name] = {"a": a, "b": b, "delta": b - a, "ci95": interval, "verdict": interval_verdict(interval, *names),
+                         "ci95_a": percentile_interval(replicates_a), "ci95_b": percentile_interval(replicates_b)}
+    return {"pools": int(len(pools)), "users": int(len(users)), "resamples": int(resamples), "seed": int(seed),
+            "level": CI_LEVEL, "metrics": results}
+
+
+def pool_intervals(pool_ids, user_ids, labels, scores, metrics: Sequence[str] = (), ks: Sequence[int] = DEFAULT_RANKING_KS,
+                   resamples: int = CI_RESAMPLES, seed: int = 0) -> dict[str, list[float]]:
+    """One model's 95% interval of each ranking metric, ``{metric: [lo, hi]}``, from the bootstrap over users
+    (the same resamples as :func:`compare_pool_scores` with that seed)."""
+    compared = compare_pool_scores(pool_ids, user_ids, labels, scores, scores, metrics, ks, resamples, seed)
+    return {name: entry["ci95_b"] for name, entry in compared["metrics"].items()}
+
+
+def compare_ranking_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str = "A", name_b: str = "B",
+                           score_column_a: str = "score", score_column_b: str = "score", metrics: Sequence[str] = (),
+                           resamples: int = CI_RESAMPLES, seed: int = 0, names: tuple[str, str] = ("A", "B")) -> dict:
+    """:func:`compare_pool_scores` on two ``ranking_predictions.parquet`` tables, rows paired by (PoolID,
+    TargetItemID) with `match_predictions` (a row missing from one file, a repeated key, a label or user that
+    differs: an `InputError` naming the file and row). Default metrics: HR@k / NDCG@k for the default cut-offs
+    that fit the pools, and MRR."""
+    rows = match_predictions(frame_a, frame_b, name_a, name_b, score_column_a, score_column_b, keys=(POOL_COLUMN, "TargetItemID"))
+    smallest = int(rows.groupby(POOL_COLUMN).size().min())
+    ks = tuple(k for k in DEFAULT_RANKING_KS if k <= smallest) or (1,)
+    comparison = compare_pool_scores(rows[POOL_COLUMN].to_numpy(), rows["UserID"].to_numpy(), rows["label"].to_numpy(),
+                                     rows["score_a"].to_numpy(), rows["score_b"].to_numpy(), metrics, ks, resamples, seed, names)
+    return {"rows": int(len(rows)), **comparison}
+
+
+def format_pool_comparison(comparison: dict, title: Optional[str] = None) -> str:
+    """A readable table of :func:`compare_pool_scores`: metric, A, B, delta = B - A, its 95% interval, verdict."""
+    lines = [] if title is None else [title]
+    lines.append(f"{comparison['pools']:,} pools of {comparison['users']:,} users; 95% intervals from a paired bootstrap "
+                 f"over users ({comparison['resamples']:,} resamples, seed {comparison['seed']})")
+    lines.append(f"{'metric':<10}{'A':>9}{'B':>9}{'Δ = B − A':>11}  {'95% interval':<20}  verdict")
+    for name, entry in comparison["metrics"].items():
+        lines.append(f"{name:<10}{_cell(entry['a']):>9}{_cell(entry['b']):>9}{_cell(entry['delta'], '+'):>11}  "
+                     f"{_bounds(entry['ci95']):<20}  {entry['verdict']}")
     return "\n".join(lines)
