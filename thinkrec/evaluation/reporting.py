@@ -3,7 +3,6 @@ text, and the model card pushed with the model."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from thinkrec.utils.subsets import metric_cell
 
@@ -100,6 +100,21 @@ def plot_training_curves(log_history: list[dict], path: os.PathLike | str) -> Op
     return Path(path)
 
 
+CARD_METRICS = (("AUC", "auc"), ("UAUC", "uauc"), ("NDCG@5", "ndcg@5"), ("warm AUC", "warm/auc"), ("cold AUC", "cold/auc"))
+
+
+def eval_results(metrics: dict[str, float], dataset_id: str, dataset_name: str) -> list[EvalResult]:
+    """The card's test metrics as the Hub's `model-index` entries: one per metric with a value (a missing
+    or NaN one, e.g. the AUC of a single-class cold split, is left out)."""
+    return [
+        EvalResult(task_type="text-classification", task_name="Recommendation (Yes/No click-through prediction)",
+                   dataset_type=dataset_id, dataset_name=dataset_name, dataset_split="test",
+                   metric_type=key, metric_name=f"test {label}", metric_value=float(metrics[key]))
+        for label, key in CARD_METRICS
+        if metrics.get(key) is not None and math.isfinite(metrics[key])
+    ]
+
+
 def model_card(
     repo_id: Optional[str],
     stage: str,
@@ -115,32 +130,32 @@ def model_card(
     base_hub_id: Optional[str] = None,
     backbone_note: str = "",
     num_experts: int = 0,
-) -> str:
-    """Model card (README.md) stating data, stages, metrics and how to load the model."""
+    dataset_hub_id: Optional[str] = None,
+) -> ModelCard:
+    """Model card (README.md) stating data, stages, metrics and how to load the model; its metadata is
+    `huggingface_hub`'s `ModelCardData` (test metrics as `eval_results`), saved with `card.save(path)`."""
     name = repo_id or "path/to/this/folder"
-    rows = [("AUC", "auc"), ("UAUC", "uauc"), ("NDCG@5", "ndcg@5"), ("warm AUC", "warm/auc"), ("cold AUC", "cold/auc")]
     header = "| metric | this model |" + (f" {cf_model_type} alone |" if cf_metrics else "")
     lines = [header, "|---|---|" + ("---|" if cf_metrics else "")]
-    for label, key in rows:
+    for label, key in CARD_METRICS:
         cells = f"| {label} | {metric_cell(metrics.get(key))} |"
         if cf_metrics:
             cells += f" {metric_cell(cf_metrics.get(key))} |"
         lines.append(cells)
     table = "\n".join(lines)
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["recommendation", "thinkrec", "lora", "custom_code"],
-    }
-    if base_hub_id:
-        metadata["base_model"] = base_hub_id
+    results = eval_results(metrics, dataset_hub_id or records_source, records_source)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["recommendation", "thinkrec", "lora", "custom_code"],
+        base_model=base_hub_id,
+        datasets=[dataset_hub_id] if dataset_hub_id else None,
+        model_name=(repo_id or f"thinkrec-{stage}") if results else None,  # the model-index needs a name
+        eval_results=results or None,
+    )
     score_text = 'logit("Yes") - logit("No")' if score_type == "yes_no_log_odds" else 'the logit of "Yes"'
     reason_text = f"; reasons are asked for with `{reason_template}`" if reason_template else ""
-    front = "\n".join(f"{key}: {json.dumps(value)}" for key, value in metadata.items())
-    return f"""---
-{front}
----
-
+    body = f"""
 # ThinkRec recommender ({stage} stage)
 
 A causal LM recommender trained with the ThinkRec repository: it reads a prompt about a user
@@ -174,3 +189,4 @@ answer = model.generate(**prompt, max_new_tokens=128)[0, prompt["input_ids"].sha
 print(processor.decode(answer, skip_special_tokens=True))
 ```
 """
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
