@@ -1,12 +1,11 @@
 """Turns prepared records (docs/records.md) into ThinkRec batches through the checkpoint's
-`ThinkRecProcessor`: template files read into a processor, records tokenised once with
-`Dataset.map` (cached), and a collator that only pads, builds labels and stacks."""
+`ThinkRecProcessor`, the one renderer and tokeniser: template files read into a processor, records
+tokenised once with `Dataset.map` (cached), and a collator that only pads, builds labels and stacks."""
 
 import hashlib
 import inspect
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,6 @@ from processing_thinkrec import (
     ENCODED_COLUMNS,
     MODES,
     NOUNS,
-    REQUIRED_FIELDS,
     ProcessorInputError,
     ThinkRecProcessor,
     asks_for_disliked_titles,
@@ -82,8 +80,16 @@ def build_processor(
     item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL,
     **settings,
 ) -> ThinkRecProcessor:
-    """A `ThinkRecProcessor` holding the text of the template files (`template`, `reason_template`: file
-    paths or names in `templates/`); `settings` are the processor's other arguments."""
+    """A `ThinkRecProcessor` holding the text of the template files; `settings` are the processor's other
+    arguments (history_item_slots, max_prompt_tokens, use_chat_template, system_prompt, tokens_per_id, seed,
+    title_keywords, ...).
+
+    template: a file path or a name in `templates/` ("text_only", "collaborative", "reflection").
+    reason_template: the template of `mode="reason"` rows, whose answer is a verdict and an explanation
+        (e.g. "reflection", or "reflection_text_only" for text-only models); None = `template` for all rows.
+        Recommendation prompts ask for one word, so reasoning rows need a prompt that asks for the reason.
+    item_noun, item_noun_plural: what the items are ("game"/"games"), for the templates' <ItemNoun> and
+        <ItemNounPlural>; prepared records name theirs in metadata.json (`thinkrec.data.nouns`)."""
     lines = read_template_lines(template)
     reason_lines = read_template_lines(reason_template) if reason_template else []
     for origin, text in lines + reason_lines:
@@ -155,40 +161,24 @@ def raw_record(row: dict) -> dict:
     return {name: value for name, value in row.items() if name not in ENCODED_COLUMNS}
 
 
-@dataclass
 class ThinkRecCollator:
     """
-    Builds ThinkRec batches. Rows encoded by `tokenize_dataset` (they carry `prompt_ids`) are only
-    padded and stacked; raw records are encoded first by the same `ThinkRecProcessor`. Every prompt is
-    LEFT-padded to one length so the last prompt position (which scores "Yes") is one column for all
-    rows; answers follow, RIGHT-padded, with EOS appended. The answer is "Yes"/"No" for `mode="rec"`
-    rows and the `reason` text for `mode="reason"` rows; both kinds mix in one batch. History titles
-    are dropped oldest first until the prompt fits `max_prompt_tokens`; the question and the answer are
-    never cut.
+    Pads ThinkRec batches; it renders nothing. Rows the processor encoded (`tokenize_dataset` caches
+    them: they carry `prompt_ids`) are padded and stacked by `ThinkRecProcessor.pad`; raw records are
+    encoded first by the same processor (`ThinkRecProcessor.encode_features`), so the processor is the
+    one renderer and tokeniser. Every prompt is LEFT-padded to one length so the last prompt position
+    (which scores "Yes") is one column for all rows; answers follow, RIGHT-padded, with EOS appended.
+    The answer is "Yes"/"No" for `mode="rec"` rows and the `reason` text for `mode="reason"` rows; both
+    kinds mix in one batch.
 
     Args:
-        tokenizer: the LM tokenizer with the slot tokens added (`ThinkRecForCausalLM.from_language_model`).
-        template: a template file path or a name in `templates/` ("text_only", "collaborative", "reflection").
-        reason_template: the template of `mode="reason"` rows, whose answer is a verdict and an explanation
-            (e.g. "reflection", or "reflection_text_only" for text-only models); None = `template` for all rows.
-            Recommendation prompts ask for one word, so reasoning rows need a prompt that asks for the reason.
-        history_item_slots: put an item id slot after every history title (liked and disliked lists alike).
-        max_prompt_tokens: token budget of a prompt (None = no limit).
-        use_chat_template: wrap the question as a user turn of the tokenizer's chat template (instruct LMs).
-        system_prompt: system turn for the chat template (None keeps the template's default).
+        processor: the `ThinkRecProcessor` that encodes the rows (run_thinkrec.py passes the one it
+            tokenises the splits with and saves as the Trainer's `processing_class`).
         include_answers: False gives prompt-only batches (scoring, generation): no answers, no `labels`.
-        tokens_per_id: slot tokens per id (the model's `config.tokens_per_id`).
-        seed: picks among several templates in a file (seeded per record).
-        item_noun, item_noun_plural: what the items are ("game"/"games"), for the templates' <ItemNoun> and
-            <ItemNounPlural>; prepared records name theirs in metadata.json (`thinkrec.data.nouns`).
-        title_keywords: show every title with up to this many of its keywords (records then carry
-            TargetItemKeywords and HisItemKeywords); 0 = titles only.
-        processor: a `ThinkRecProcessor` to use instead of building one from the arguments above.
-
-    Templates: <ItemTitleList> (or <LikedItemTitleList>, <HisItemList>) lists the liked history titles (all
-    of them when records carry no `HisItemLabels`), <DislikedItemTitleList> the disliked ones; text between
-    <IfDisliked> and </IfDisliked> appears only when the shown history holds a disliked item, so a
-    positives-only history renders as in the published prompts.
+        tokenizer, **settings: instead of `processor`, a tokenizer with the slot tokens added and
+            `build_processor`'s arguments (template, reason_template, history_item_slots, max_prompt_tokens,
+            use_chat_template, tokens_per_id, seed, item_noun, title_keywords, ...): the processor is built
+            from them once, here, and `collator.processor` is it.
 
     Outputs (`torch.Tensor`s): `input_ids`, `attention_mask` [B, T]; `labels` [B, T] (answers only);
     `mode` [B] (0 rec / 1 reason); `target_labels` [B] float; `user_ids`, `item_ids` [B] (for UAUC);
@@ -204,14 +194,16 @@ class ThinkRecCollator:
     >>> from modeling_thinkrec import add_slot_tokens
     >>> tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     >>> _ = add_slot_tokens(tokenizer, "<|user_slot|>", "<|item_slot|>")
-    >>> collator = ThinkRecCollator(tokenizer, template="collaborative")
+    >>> processor = build_processor(tokenizer, template="collaborative")
+    >>> collator = ThinkRecCollator(processor=processor)
     >>> records = [
     ...     {"UserID": 3, "HisItemIDs": [5, 9], "HisItemTitles": ["Heat (1995)", "Fargo (1996)"],
     ...      "TargetItemID": 7, "TargetItemTitle": "Alien (1979)", "label": 1, "mode": "rec", "reason": ""},
     ...     {"UserID": 4, "HisItemIDs": [], "HisItemTitles": [], "TargetItemID": 2,
     ...      "TargetItemTitle": "Big (1988)", "label": 0, "mode": "reason", "reason": "No. Too light."},
     ... ]
-    >>> batch = collator(records)
+    >>> features = processor.encode_features(records)  # the rows tokenize_dataset caches
+    >>> batch = collator(features)
     >>> sorted(batch)
     ['attention_mask', 'history_item_ids', 'input_ids', 'item_ids', 'item_slot_ids', 'labels', 'mode', 'target_labels', 'user_ids', 'user_slot_ids']
     >>> batch["input_ids"].shape
@@ -226,69 +218,34 @@ class ThinkRecCollator:
     ([0, 1], [1.0, 0.0])
     >>> batch["user_slot_ids"].tolist(), batch["item_slot_ids"].tolist(), batch["history_item_ids"].tolist()
     ([[3], [4]], [[7], [2]], [[5, 9], [0, 0]])
-    >>> encoded = collator.processor.encode(records)  # what tokenize_dataset caches per row
-    >>> features = [{**record, **{name: values[row] for name, values in encoded.items()}} for row, record in enumerate(records)]
-    >>> all(torch.equal(collator(features)[name], batch[name]) for name in batch)
+    >>> raw = ThinkRecCollator(tokenizer, template="collaborative")(records)  # raw records, a processor built from the settings
+    >>> all(torch.equal(raw[name], batch[name]) for name in batch)
     True
 
     ```
     """
 
-    tokenizer: Optional[PreTrainedTokenizerBase] = None
-    template: str = "collaborative"
-    reason_template: Optional[str] = None
-    history_item_slots: bool = False
-    max_prompt_tokens: Optional[int] = None
-    use_chat_template: bool = False
-    system_prompt: Optional[str] = None
-    include_answers: bool = True
-    tokens_per_id: int = 1
-    user_slot_token: str = "<|user_slot|>"
-    item_slot_token: str = "<|item_slot|>"
-    empty_history_text: str = "none"
-    seed: int = 0
-    item_noun: str = DEFAULT_ITEM_NOUN
-    item_noun_plural: str = DEFAULT_ITEM_NOUN_PLURAL
-    title_keywords: int = 0
-    processor: Optional[ThinkRecProcessor] = None
-
-    def __post_init__(self):
-        if self.processor is None:
-            if self.tokenizer is None:
-                raise ValueError("ThinkRecCollator needs a tokenizer (with the template settings) or a processor.")
-            self.processor = build_processor(
-                self.tokenizer, template=self.template, reason_template=self.reason_template,
-                history_item_slots=self.history_item_slots, max_prompt_tokens=self.max_prompt_tokens,
-                use_chat_template=self.use_chat_template, system_prompt=self.system_prompt, tokens_per_id=self.tokens_per_id,
-                user_slot_token=self.user_slot_token, item_slot_token=self.item_slot_token,
-                empty_history_text=self.empty_history_text, seed=self.seed, item_noun=self.item_noun,
-                item_noun_plural=self.item_noun_plural, title_keywords=self.title_keywords,
-            )
-        self.tokenizer = self.processor.tokenizer
-
-    def build_prompt(self, record: dict, row: int) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of the prompt, shortened oldest history item first to `max_prompt_tokens`, and the
-        user/item ids of its slots."""
-        with input_errors():
-            encoded = self.processor.encode([record], rows=[row], with_answers=False)
-        return encoded["prompt_ids"][0], encoded["user_slot_ids"][0], encoded["item_slot_ids"][0]
-
-    def build_answer(self, record: dict, row: int) -> list[int]:
-        """Answer token ids with EOS: "Yes"/"No" for rec rows, the reason text for reasoning rows."""
-        with input_errors():
-            return self.processor.encode([record], rows=[row])["answer_ids"][0]
+    def __init__(self, tokenizer: Optional[PreTrainedTokenizerBase] = None, *, processor: Optional[ThinkRecProcessor] = None,
+                 include_answers: bool = True, **settings):
+        if processor is None:
+            if tokenizer is None:
+                raise ValueError("ThinkRecCollator needs a processor, or a tokenizer (with build_processor's settings) to build one.")
+            processor = build_processor(tokenizer, **settings)
+        elif tokenizer is not None or settings:
+            given = ["tokenizer"] * (tokenizer is not None) + sorted(settings)
+            raise ValueError(f"ThinkRecCollator: given a processor, {given} would be ignored; the processor's own settings "
+                             "render the prompts (build another processor to change them).")
+        self.processor = processor
+        self.include_answers = include_answers
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        raw = [row for row, feature in enumerate(features) if "prompt_ids" not in feature]
         features = list(features)
-        if raw:
-            with input_errors():
-                for row in raw:
-                    ThinkRecProcessor.check_record(features[row], row, REQUIRED_FIELDS)
-                encoded = self.processor.encode([features[row] for row in raw], rows=raw, with_answers=self.include_answers)
-            for position, row in enumerate(raw):
-                features[row] = {**features[row], **{name: values[position] for name, values in encoded.items()}}
+        raw = [row for row, feature in enumerate(features) if "prompt_ids" not in feature]
         with input_errors():
+            if raw:
+                encoded = self.processor.encode_features([features[row] for row in raw], rows=raw, with_answers=self.include_answers)
+                for row, feature in zip(raw, encoded):
+                    features[row] = feature
             return self.processor.pad(features, include_answers=self.include_answers)
 
 

@@ -466,6 +466,11 @@ class ThinkRecProcessor(ProcessorMixin):
             "answer_length": [len(ids) for ids in answers],
         }
 
+    def encode_features(self, records: list[Mapping], rows=None, with_answers: bool = True, required=REQUIRED_FIELDS) -> list[dict]:
+        """`records` with their ENCODED_COLUMNS added (what `pad` takes); the arguments are `encode`'s."""
+        encoded = self.encode(records, rows=rows, with_answers=with_answers, required=required)
+        return [{**record, **{name: values[i] for name, values in encoded.items()}} for i, record in enumerate(records)]
+
     def encode_columns(self, columns: Mapping[str, list], indices=None) -> dict[str, list]:
         """`encode` for `Dataset.map(batched=True, with_indices=True)`: a batch of columns in, new columns out."""
         names = list(columns)
@@ -519,8 +524,7 @@ class ThinkRecProcessor(ProcessorMixin):
         if mode is not None:
             records = [{**record, "mode": mode} for record in records]
         required = REQUIRED_FIELDS if include_answers else RECORD_FIELDS
-        encoded = self.encode(records, rows=rows, with_answers=include_answers, required=required)
-        features = [{**record, **{name: values[row] for name, values in encoded.items()}} for row, record in enumerate(records)]
+        features = self.encode_features(records, rows=rows, with_answers=include_answers, required=required)
         batch = self.pad(features, include_answers=include_answers)
         if not include_answers:
             batch = {name: batch[name] for name in MODEL_INPUTS}
@@ -550,8 +554,7 @@ class ThinkRecProcessor(ProcessorMixin):
         for start in range(0, len(records), batch_size):
             chunk = [{**record, "mode": "reason"} for record in records[start : start + batch_size]]
             verdicts = [VERDICTS[int(p >= threshold)] for p in probabilities[start : start + len(chunk)]]
-            encoded = self.encode(chunk, rows=rows[start : start + len(chunk)], with_answers=False, required=RECORD_FIELDS)
-            features = [{**record, **{name: values[i] for name, values in encoded.items()}} for i, record in enumerate(chunk)]
+            features = self.encode_features(chunk, rows=rows[start : start + len(chunk)], with_answers=False, required=RECORD_FIELDS)
             for feature, verdict in zip(features, verdicts):
                 feature["prompt_ids"] = list(feature["prompt_ids"]) + verdict_ids[verdict]
             batch = self.pad(features, include_answers=False)

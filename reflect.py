@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 from transformers import set_seed
 
-from data_collator import ThinkRecCollator
+from data_collator import build_processor, input_errors
 from thinkrec.data.keywords import KEYWORDS_COLUMN, attach_keywords, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_prepared
@@ -125,21 +125,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
         check_same_records(model.config.cf_records_fingerprint, model.config.cf_records_dir,
                            f"the collaborative tables of model_dir={args.model_dir}", args.records_dir, records.metadata)
     template = args.template or ("text_only" if model.config.cf_model_type == "none" else "collaborative")
-    collator = ThinkRecCollator(
-        tokenizer, template=template, include_answers=False, history_item_slots=args.history_item_slots,
+    processor = build_processor(
+        tokenizer, template=template, history_item_slots=args.history_item_slots,
         max_prompt_tokens=args.max_prompt_tokens, use_chat_template=args.use_chat_template,
         tokens_per_id=model.config.tokens_per_id, seed=args.seed, title_keywords=args.title_keywords,
         **item_nouns_from_metadata(records.metadata, args.records_dir),
     )
-    if KEYWORDS_COLUMN in records.items or collator.processor.needs_keywords:
+    if KEYWORDS_COLUMN in records.items or processor.needs_keywords:
         # The prompts (when they show keywords) and the teachers read them from the rows; none stored is an error.
         keywords = item_keywords(records.items, f"{args.records_dir} item table")
         train, validation = attach_keywords(train, keywords), attach_keywords(validation, keywords)
     logger.info("scoring %d validation and %d train rows with %s (template %s)", len(validation), len(train), args.model_dir, template)
 
-    validation_scores = score_rows(model, collator, validation, args.batch_size)
+    with input_errors():  # a row the prompt cannot be built from stops naming the row and field
+        validation_scores = score_rows(model, processor, validation, args.batch_size)
+        train_scores = score_rows(model, processor, train, args.batch_size)
     threshold, validation_value = choose_threshold(validation["label"].to_numpy(), validation_scores, args.threshold_metric)
-    train_scores = score_rows(model, collator, train, args.batch_size)
     train_labels = train["label"].to_numpy()
     wrong = (train_scores >= threshold).astype(np.int64) != train_labels
     mispredicted = train[wrong]

@@ -54,8 +54,11 @@ from thinkrec.evaluation.ranking import (
     TIES,
     candidate_ranks,
     candidate_rows,
+    compare_pool_scores,
     describe_pools,
+    format_pool_comparison,
     format_ranking,
+    pool_intervals,
     pool_metrics,
     resolve_ks,
 )
@@ -251,7 +254,7 @@ class ThinkRecTrainingArguments(TrainingArguments):
                   "(a checkpoint made with other stage, data, model or training arguments is never resumed)."},
     )
     # Defaults that differ from TrainingArguments'.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads raw record fields."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads the encoded and metric columns."})
     metric_for_best_model: Optional[str] = field(default="auc", metadata={"help": "Validation metric that picks the best checkpoint."})
     greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Whether a larger metric_for_best_model is better."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (published: 1e-4)."})
@@ -263,7 +266,8 @@ class ThinkRecTrainingArguments(TrainingArguments):
         if self.stage not in TRAINING_STAGES:
             raise InputError(f"stage must be one of {TRAINING_STAGES}, got {self.stage!r}.")
         if self.remove_unused_columns:
-            raise InputError("remove_unused_columns must be False: ThinkRecCollator builds prompts from raw record fields.")
+            raise InputError("remove_unused_columns must be False: ThinkRecCollator reads the encoded columns (prompt_ids, ...) "
+                             "and the metric columns (UserID, label, mode, ...), which are not arguments of the model's forward.")
         if not 0 <= self.reasoning_share < 1:
             raise InputError(f"reasoning_share must be in [0, 1), got {self.reasoning_share}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -571,14 +575,17 @@ def score_candidates(trainer, rows: datasets.Dataset) -> dict:
         trainer.prediction_fields, trainer.compute_metrics = fields, compute
 
 
-def ranking_results(pools: RankingPools, outputs: dict, model, cf, out: Path) -> dict:
-    """HR@k / NDCG@k / MRR over the pools for this model and for the CF model alone on the same rows, printed
-    and returned (the "ranking" entry of test_results.json); one row per candidate in
+def ranking_results(pools: RankingPools, outputs: dict, model, cf, out: Path, seed: int = 0) -> dict:
+    """HR@k / NDCG@k / MRR over the pools for this model and for the CF model alone on the same rows, each with
+    its 95% interval (``ci95``, bootstrap over users) and this model - the CF model with the paired interval
+    (``vs_cf_alone``), printed and returned (the "ranking" entry of test_results.json); one row per candidate in
     ranking_predictions.parquet (rank: pessimistic, as the metrics count it)."""
     rows = pools.rows
-    pool_ids, labels = np.asarray(rows[POOL_COLUMN]), np.asarray(rows["label"])
+    pool_ids, labels, users = np.asarray(rows[POOL_COLUMN]), np.asarray(rows["label"]), np.asarray(rows["UserID"])
     scores = np.asarray(outputs["scores"], dtype=np.float64).reshape(-1)
-    result = {**pools.summary, "ks": list(pools.ks), "ties": TIES, **pool_metrics(pool_ids, labels, scores, pools.ks)}
+    result = {**pools.summary, "ks": list(pools.ks), "ties": TIES, **pool_metrics(pool_ids, labels, scores, pools.ks),
+              "ci95": pool_intervals(pool_ids, users, labels, scores, ks=pools.ks, seed=seed),
+              "ci95_resamples": CI_RESAMPLES, "ci95_seed": int(seed)}
     predictions = pd.DataFrame({POOL_COLUMN: pool_ids, "UserID": np.asarray(rows["UserID"]),
                                 "TargetItemID": np.asarray(rows["TargetItemID"]), "label": labels,
                                 "score": 1 / (1 + np.exp(-scores)), "logit": scores, "rank": candidate_ranks(pool_ids, scores)})
@@ -591,9 +598,14 @@ def ranking_results(pools: RankingPools, outputs: dict, model, cf, out: Path) ->
     if cf_scores is not None:
         predictions["cf_score"] = cf_scores
         predictions["cf_rank"] = candidate_ranks(pool_ids, cf_scores)
-        result["cf_alone"] = {"model": cf_name, **pool_metrics(pool_ids, labels, cf_scores, pools.ks)}
+        result["cf_alone"] = {"model": cf_name, **pool_metrics(pool_ids, labels, cf_scores, pools.ks),
+                              "ci95": pool_intervals(pool_ids, users, labels, cf_scores, ks=pools.ks, seed=seed)}
+        result["vs_cf_alone"] = compare_pool_scores(pool_ids, users, labels, cf_scores, scores, ks=pools.ks, seed=seed,
+                                                    names=(f"{cf_name} alone", "this model"))
     baseline = result.get("cf_alone")
     print(format_ranking(result, baseline, names=("this model", f"{baseline['model']} alone" if baseline else "")))
+    if "vs_cf_alone" in result:
+        print(format_pool_comparison(result["vs_cf_alone"], title=f"this model - {baseline['model']} alone:"))
     atomic_write(out / "ranking_predictions.parquet", lambda temp: predictions.to_parquet(temp, index=False))
     return strict_json(result)
 
@@ -692,7 +704,7 @@ def predict(trainer, model, cf, test: datasets.Dataset, data_args, training_args
         result["cf_alone"] = strict_json(cf_metrics)
         result["vs_cf_alone"] = strict_json(versus_cf)
     if pools is not None:
-        result["ranking"] = ranking_results(pools, pool_outputs, model, cf, out)
+        result["ranking"] = ranking_results(pools, pool_outputs, model, cf, out, training_args.seed)
     write_json(result, out / "test_results.json")
     return result
 
@@ -767,7 +779,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
     if data_args.score_prompt == "reason":
         # One prompt for everything: recommendation rows learn (and are scored at) the reason prompt's first answer position.
         template = reason_template
-    collator_kwargs = {
+    processor_settings = {
         "template": template,
         "reason_template": reason_template,
         "history_item_slots": data_args.history_item_slots,
@@ -779,8 +791,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
         **item_nouns_from_metadata(metadata, data_args.records_dir),
     }
     # One processor renders and tokenises every record; Trainer saves it (processing_class) with each checkpoint.
-    processor = build_processor(tokenizer, **collator_kwargs)
-    collator = ThinkRecCollator(processor=processor)
+    processor = build_processor(tokenizer, **processor_settings)
     # The item table is read once, and only when the prompts show keywords.
     keywords = item_keywords(load_items(data_args.records_dir), f"{data_args.records_dir} item table") if processor.needs_keywords else None
     if pools is not None and len(processor.templates) > 1:
@@ -821,7 +832,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
         args=training_args,
         train_dataset=train_rows if training_args.do_train else None,
         eval_dataset=splits["validation"],
-        data_collator=collator,
+        data_collator=ThinkRecCollator(processor=processor),
         processing_class=processor,
         compute_metrics=metrics_for(splits["validation"]),
         callbacks=callbacks,
@@ -881,6 +892,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
             num_experts=model.config.num_experts,
             cf_model_type=model.config.cf_model_type,
             records_source=training_args.hub_dataset_source or metadata.get("source", data_args.records_dir),
+            dataset_hub_id=training_args.hub_dataset_source,
             train_rows=len(train_rows),
             metrics=results.get("test", {}),
             cf_metrics=results.get("cf_alone"),
@@ -888,7 +900,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Thi
             reason_template=reason_template,
             score_type=model.config.score_type,
         )
-        atomic_write(staging / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+        atomic_write(staging / "README.md", card.save)
         folder.publish(extra=tuple(run_logs(trainer, training_args.output_dir)))
     trainer.accelerator.wait_for_everyone()
     if push_requested and trainer.is_world_process_zero():

@@ -3,7 +3,8 @@ experts is sharded with FSDP2 the way accelerate's FSDP config does it (`fully_s
 layer, then on the whole model), and the predict steps that run the model outside Trainer's loop —
 scores, the CF model's own scores, routing weights and generated reasons — run on both ranks through
 `map_over_ranks`. Rank 0 writes what the sharded model gave next to what the same model gave unsharded,
-computed before sharding in the same process."""
+computed before sharding in the same process. The tests' helpers import as in the tests: Python puts this
+script's folder, tests/, first on sys.path, as pytest does for the test modules."""
 
 import json
 import sys
@@ -11,6 +12,8 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from _tiny_model import make_records
+from test_experts_model import with_experts
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -21,10 +24,6 @@ from thinkrec.utils.distributed import map_over_ranks
 
 def main(output_path: str) -> None:
     dist.init_process_group("gloo")
-    sys.path.insert(0, "tests")
-    from _tiny_model import make_records
-    from test_experts_model import with_experts
-
     torch.manual_seed(0)
     model, tokenizer = with_experts("mf")
     processor = build_processor(tokenizer)

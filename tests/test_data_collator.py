@@ -8,7 +8,7 @@ import torch
 from _tiny_model import make_records, make_tokenizer
 
 import data_collator
-from data_collator import TEMPLATE_DIR, ThinkRecCollator, load_templates
+from data_collator import TEMPLATE_DIR, ThinkRecCollator, build_processor, load_templates
 from thinkrec.utils.errors import InputError
 
 
@@ -34,14 +34,14 @@ def test_left_padded_prompts_right_padded_answers_and_masked_labels(tokenizer):
     records = make_records(6, seed=1)
     collator = ThinkRecCollator(tokenizer)
     batch = collator(records)
+    encoded = collator.processor.encode(records)
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     answer_start = (labels != -100).int().argmax(-1)
     assert (answer_start == answer_start[0]).all(), "the last prompt position must be one column"
     start = int(answer_start[0])
     assert (mask[:, start - 1] == 1).all()
     for row, record in enumerate(records):
-        prompt_ids, _, _ = collator.build_prompt(record, row)
-        answer_ids = collator.build_answer(record, row)
+        prompt_ids, answer_ids = encoded["prompt_ids"][row], encoded["answer_ids"][row]
         prompt_mask, answer_mask = mask[row, :start], mask[row, start:]
         # Prompt: zeros then ones (left padding); answer: ones then zeros (right padding).
         assert prompt_mask.tolist() == [0] * (start - len(prompt_ids)) + [1] * len(prompt_ids)
@@ -70,8 +70,7 @@ def test_answers_follow_the_mode_and_both_modes_mix(tokenizer):
 def test_truncation_drops_oldest_history_and_keeps_question_and_answer(tokenizer):
     record = make_records(1, seed=3, modes=("reason",), max_history=5)[0]
     record["reason"] = "Yes. " + "A long reason that must never be cut. " * 20
-    full = ThinkRecCollator(tokenizer, history_item_slots=True)
-    full_prompt, _, _ = full.build_prompt(record, 0)
+    full_prompt = build_processor(tokenizer, history_item_slots=True).encode([record])["prompt_ids"][0]
     budget = len(full_prompt) - 12
     collator = ThinkRecCollator(tokenizer, history_item_slots=True, max_prompt_tokens=budget)
     batch = collator([record])
@@ -190,6 +189,32 @@ def test_bad_records_raise_naming_row_and_field(tokenizer, change, message):
     change(records[1])
     with pytest.raises(ValueError, match=message):
         ThinkRecCollator(tokenizer)(records)
+
+
+def test_the_collator_pads_with_the_processor_it_is_given(tokenizer, monkeypatch):
+    """One renderer: the collator encodes raw rows with its processor and builds none of its own."""
+    processor = build_processor(tokenizer, template="text_only", history_item_slots=True)
+    collator = ThinkRecCollator(processor=processor)
+    assert collator.processor is processor
+    records = make_records(4, seed=12)
+    features = processor.encode_features(records[:2])
+    calls = []
+    encode_features = processor.encode_features
+    monkeypatch.setattr(processor, "encode_features", lambda records, **kwargs: calls.append(kwargs["rows"]) or encode_features(records, **kwargs))
+    mixed = collator(features + records[2:])  # encoded rows are only padded; the raw ones go through the processor
+    assert calls == [[2, 3]]
+    expected = processor.pad(encode_features(records))
+    assert sorted(mixed) == sorted(expected) and all(torch.equal(mixed[name], expected[name]) for name in expected)
+
+
+def test_a_processor_and_settings_together_are_refused(tokenizer):
+    processor = build_processor(tokenizer)
+    with pytest.raises(ValueError, match=r"given a processor, \['template'\] would be ignored"):
+        ThinkRecCollator(processor=processor, template="text_only")
+    with pytest.raises(ValueError, match=r"given a processor, \['tokenizer'\] would be ignored"):
+        ThinkRecCollator(tokenizer, processor=processor)
+    with pytest.raises(ValueError, match="needs a processor, or a tokenizer"):
+        ThinkRecCollator()
 
 
 def test_tokenizer_without_slot_tokens_is_rejected():

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from _run_fixtures import REPO_ROOT, run, write_backbone, write_mf, write_run_assets
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import run_thinkrec
@@ -78,6 +79,9 @@ def test_stage1_writes_metrics_predictions_plots_and_card(stage1, assets):
     for name in ("roc_curve.png", "training_curves.png", "README.md", "config.json", "thinkrec_weights.safetensors",
                  "modeling_thinkrec.py", "generation_settings.json", "test_results.json"):
         assert (output_dir / name).is_file(), name
+    # The card's metadata is huggingface_hub's: the test AUC is one of its eval results.
+    card_results = {result.metric_type: result.metric_value for result in ModelCard.load(output_dir / "README.md").data.eval_results}
+    assert card_results["auc"] == results["test"]["auc"]
     log_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     train_logs = [entry for entry in log_history if "loss" in entry]
     assert train_logs and all("bce_loss" in entry and "lm_loss" in entry for entry in train_logs)

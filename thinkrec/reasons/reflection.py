@@ -67,12 +67,13 @@ class SourceArguments(TeacherArguments):
             raise InputError("source 'remote' needs base_url and remote_model.")
 
 
-def score_rows(model, collator, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
-    """P("Yes") for every row of `frame`, in order."""
+def score_rows(model, processor, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """P("Yes") for every row of `frame`, in order; `processor` (the model's `ThinkRecProcessor`) turns
+    each batch of records into the model's inputs."""
     records = frame.to_dict("records")
     scores = []
     for start in range(0, len(records), batch_size):
-        batch = collator(records[start : start + batch_size])
+        batch = processor(records[start : start + batch_size])
         batch = {key: value.to(model.device) for key, value in batch.items()}
         scores.append(model.score(**batch).float().cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
