@@ -2,12 +2,18 @@
 tokens, scores "Yes"/"No" without generating, mixes recommendation and reasoning losses per row,
 and generates reasons.
 
+Two classes, LLaVA's shape in transformers 5: `ThinkRecModel` (the backbone: embed the prompt, inject
+the projected CF vectors at the slot tokens, route rows to their LoRA experts, run the LM's decoder,
+return `last_hidden_state`) and `ThinkRecForCausalLM` (`self.model` + the LM's output head + the mixed
+losses and scoring). Trainers that run `model.base_model(...)` and project its hidden states with
+`get_output_embeddings()` (trl's fused LM head) get the CF vectors and the routing too.
+
 Checkpoint layout (`save_pretrained`): `config.json` (ThinkRecConfig with the LM's `text_config`,
 `lora_config` and the reference to the frozen base, `base_model_name_or_path`),
-`thinkrec_weights.safetensors` (what the base does not hold: LoRA or experts, projector, frozen CF
-tables and SASRec encoder, router, and the embedding rows of the added slot tokens — megabytes, not
-the backbone), `generation_config.json`, and the code files (`configuration_thinkrec.py`,
-`modeling_thinkrec.py`, `sasrec_thinkrec.py`, `experts_thinkrec.py`, `processing_thinkrec.py`) for `trust_remote_code`.
+`thinkrec_weights.safetensors` (what the base does not hold, named as in `ThinkRecModel`: LoRA or
+experts, projector, frozen CF tables and SASRec encoder, router, and the embedding rows of the added
+slot tokens — megabytes, not the backbone), `generation_config.json`, and the code files
+(`configuration_thinkrec.py`, `modeling_thinkrec.py` and the files it imports) for `trust_remote_code`.
 `from_pretrained` loads the base from its reference (any precision, 4-bit included) and applies the
 saved parts. `save_pretrained(dir, full_weights=True)` writes one self-contained `model.safetensors`
 instead (also what a model built around an in-memory LM, with no base reference, writes). A LoRA
@@ -18,7 +24,6 @@ does this for its `processing_class`); `AutoProcessor.from_pretrained(dir, trust
 """
 
 import functools
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -41,18 +46,22 @@ from transformers.utils import ModelOutput, cached_file, logging
 # model's code (AutoProcessor loads it from there).
 try:
     from .configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from .decoder_thinkrec import cache_argument_name, cache_kwargs, keep_positions, output_cache
     from .experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
     from .prefix_thinkrec import PACKED_ROW_TOKENS, pack, plan_groups, sharing_problem, token_codes
     from .processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from .sasrec_thinkrec import SASRec
+    from .validation_thinkrec import IGNORE_INDEX, check_batch, prompt_length
 except ImportError:
     if __package__:
         raise
     from configuration_thinkrec import DEFAULT_LORA_CONFIG, ThinkRecConfig
+    from decoder_thinkrec import cache_argument_name, cache_kwargs, keep_positions, output_cache
     from experts_thinkrec import ExpertLoraLinear, UserRouter, inject_experts
     from prefix_thinkrec import PACKED_ROW_TOKENS, pack, plan_groups, sharing_problem, token_codes
     from processing_thinkrec import ThinkRecProcessor  # noqa: F401
     from sasrec_thinkrec import SASRec
+    from validation_thinkrec import IGNORE_INDEX, check_batch, prompt_length
 
 
 logger = logging.get_logger(__name__)
@@ -60,7 +69,6 @@ logger = logging.get_logger(__name__)
 TRAINING_STAGES = ("lora", "projector", "joint", "experts")
 MODE_REC = 0
 MODE_REASON = 1
-IGNORE_INDEX = -100
 TRAINED_WEIGHTS_NAME = "thinkrec_weights.safetensors"
 # Keys of the added slot-token rows in that file (the rest of the embedding matrices is the base's).
 ADDED_INPUT_ROWS = "added_rows.input_embeddings"
@@ -105,6 +113,30 @@ class ThinkRecOutput(ModelOutput):
     routing_weights: torch.FloatTensor | None = None
 
 
+@dataclass
+class ThinkRecModelOutput(ModelOutput):
+    """
+    Output of [`ThinkRecModel.forward`]: transformers' `BaseModelOutputWithPast`, plus the routing.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the
+            decoder's last hidden states, the CF vectors injected at the slot tokens.
+        cache / past_key_values (`Cache`): the decoder's key/value cache when `use_cache`, under the name the
+            installed transformers uses (`cache` from 5.2x, `past_key_values` before).
+        hidden_states / attentions: the decoder's, when asked for (`output_hidden_states` / `output_attentions`).
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts + 1)`): for a model with
+            experts, the weights each row was served with (last column: the general expert).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    # This order: transformers 5.2x maps an assignment to `past_key_values` onto `cache`.
+    past_key_values: object | None = None
+    cache: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    routing_weights: torch.FloatTensor | None = None
+
+
 class ThinkRecProjector(nn.Module):
     """Maps a CF vector [n, d] to `tokens_per_id` soft tokens [n, tokens_per_id * hidden]; kept in float32."""
 
@@ -125,7 +157,7 @@ class ThinkRecProjector(nn.Module):
 class ThinkRecPreTrainedModel(PreTrainedModel):
     config_class = ThinkRecConfig
     config: ThinkRecConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     supports_gradient_checkpointing = True
     # The projector, the CF tables/encoder and LoRA are small and numerically sensitive: they stay
     # float32 when the LM is loaded in bf16/fp16.
@@ -136,19 +168,14 @@ class ThinkRecPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
-class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
+class ThinkRecModel(ThinkRecPreTrainedModel):
     """
-    A causal LM recommender. Slot tokens (`config.user_slot_token_id`, `config.item_slot_token_id`) in
-    `input_ids` are replaced by `projector(cf_vector)`; the score is read at the last prompt position
-    (prompts are left-padded, so it is the same column for every row).
-
-    Build one from a pretrained LM with [`ThinkRecForCausalLM.from_language_model`]; reload with
-    `from_pretrained` (or `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`).
+    The backbone: embeds the prompt, replaces every slot token (`input_ids == config.user_slot_token_id` /
+    `item_slot_token_id`) by `projector(cf_vector)`, sets each row's expert mixture, runs the causal LM's
+    decoder (`language_model.base_model`) and returns its last hidden states. Everything a checkpoint
+    trains lives here (LoRA or experts inside `language_model`, projector, router) next to the frozen CF
+    tables / SASRec encoder; the output head stays in `language_model` (`get_output_embeddings()`).
     """
-
-    # The loss is a per-row mean averaged over the batch, not a sum normalised by the number of items
-    # in the accumulated batch, so Trainer must divide it by the accumulation steps itself.
-    accepts_loss_kwargs = False
 
     def __init__(self, config: ThinkRecConfig, language_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -181,13 +208,242 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             else:
                 self.user_table = nn.Embedding(config.num_users, config.cf_embedding_dim, dtype=torch.float32)
         if config.lora_config is not None:
-            self._inject_lora(config.lora_config)
+            self.inject_lora(config.lora_config)
         self.router = None
         self.routing_state = None
         if config.num_experts:
-            self._inject_experts()
+            self.inject_experts()
         self.post_init()
-        self._freeze_collaborative_modules()
+        self.freeze_collaborative_modules()
+
+    # ------------------------------------------------------------------------------------ parts
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @property
+    def has_experts(self) -> bool:
+        return self.router is not None
+
+    @staticmethod
+    def is_base_weight(name: str) -> bool:
+        """True for a weight of the frozen backbone (everything under the LM except its adapters)."""
+        return name.startswith("language_model.") and "lora_" not in name
+
+    def inject_lora(self, lora_config: dict) -> None:
+        """Inject a float32 LoRA adapter (PEFT, unmerged) into the LM."""
+        inject_adapter_in_model(LoraConfig(bias="none", **lora_config), self.language_model)
+        for name, parameter in self.language_model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+
+    def inject_experts(self) -> None:
+        """Turn the LoRA of `config.expert_layers` into `config.num_experts` + 1 experts with their router."""
+        config = self.config
+        self.router = UserRouter(config.num_experts, config.cf_embedding_dim)
+        self.routing_state = inject_experts(self.language_model, config.num_experts + 1, config.expert_layers)
+
+    @torch.no_grad()
+    def load_cf_tables(self, cf_checkpoint) -> None:
+        """Copy the frozen user/item tables (and SASRec encoder) of a `CFCheckpoint` into the model."""
+        config = self.config
+        if cf_checkpoint.model_type != config.cf_model_type:
+            raise ValueError(
+                f"CF checkpoint is {cf_checkpoint.model_type!r} but the model was built for {config.cf_model_type!r}."
+            )
+        expected = (config.num_items, config.cf_embedding_dim)
+        if tuple(cf_checkpoint.item_table.shape) != expected:
+            raise ValueError(f"CF item_table: expected shape {expected}, found {tuple(cf_checkpoint.item_table.shape)}.")
+        self.item_table.weight.copy_(cf_checkpoint.item_table)
+        if config.cf_model_type == "sasrec":
+            self.sequence_encoder.load_state_dict(cf_checkpoint.sequence_encoder.state_dict())
+        else:
+            expected = (config.num_users, config.cf_embedding_dim)
+            if tuple(cf_checkpoint.user_table.shape) != expected:
+                raise ValueError(
+                    f"CF user_table: expected shape {expected}, found {tuple(cf_checkpoint.user_table.shape)}."
+                )
+            self.user_table.weight.copy_(cf_checkpoint.user_table)
+        self.freeze_collaborative_modules()
+
+    def freeze_collaborative_modules(self) -> None:
+        for module in (self.user_table, self.item_table, self.sequence_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The CF encoder is frozen: its dropout must stay off while the LM trains.
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------------- CF vectors
+
+    def user_vectors(self, user_ids, history_item_ids) -> torch.Tensor:
+        """Each row's CF user vector: its table row, or for SASRec the encoding of its liked history."""
+        if self.config.cf_model_type == "sasrec":
+            return self.sequence_encoder.encode(history_item_ids)
+        return self.user_table(user_ids)
+
+    def cf_scores(self, user_ids, history_item_ids, item_ids) -> torch.Tensor:
+        """The CF model's own score of each row: user vector · target item vector, in float32."""
+        return (self.user_vectors(user_ids, history_item_ids).float() * self.item_table(item_ids).float()).sum(-1)
+
+    def route(self, user_ids=None, history_item_ids=None, check_inputs: bool = True) -> torch.Tensor:
+        """Expert weights [B, G + 1] of each row (the last column is the general expert) under
+        `config.routing_rule`, from the row's CF user vector."""
+        if check_inputs:
+            check_batch(self.config, self.router, user_ids=user_ids, history_item_ids=history_item_ids, routes=True)
+        config = self.config
+        return self.router(
+            self.user_vectors(user_ids, history_item_ids),
+            rule=config.routing_rule,
+            temperature=config.routing_temperature,
+            confidence_base=config.routing_confidence_base,
+            confidence_scale=config.routing_confidence_scale,
+            entropy_fraction=config.routing_entropy_fraction,
+            check=False,
+        )
+
+    def embed_prompt(self, input_ids, user_slot_ids=None, item_slot_ids=None, history_item_ids=None,
+                     check_inputs: bool = True) -> torch.Tensor:
+        """Token embeddings of `input_ids` with every slot token replaced by its projected CF vector.
+
+        `user_slot_ids` / `item_slot_ids`: [batch, max_slots] ids in order of appearance in each row,
+        right-padded with 0 (ids are 1-based). For SASRec, a user slot takes the encoding of the row's
+        `history_item_ids` ([batch, length], left-padded with 0) instead of a table row. No host sync
+        beyond the checks: every slot id (padding included) is looked up and projected, present ones are
+        moved first, and `masked_scatter` takes them in slot order.
+        """
+        if check_inputs:
+            check_batch(self.config, input_ids=input_ids, user_slot_ids=user_slot_ids, item_slot_ids=item_slot_ids,
+                        history_item_ids=history_item_ids)
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        config = self.config
+        if config.cf_model_type == "none":
+            return inputs_embeds
+        if user_slot_ids is not None and user_slot_ids.shape[1]:
+            if config.cf_model_type == "sasrec":
+                # Every slot of a row holds that row's history encoding.
+                vectors = self.sequence_encoder.encode(history_item_ids)[:, None].expand(-1, user_slot_ids.shape[1], -1)
+            else:
+                vectors = self.user_table(user_slot_ids)
+            inputs_embeds = self._inject(inputs_embeds, input_ids == config.user_slot_token_id, user_slot_ids, vectors)
+        if item_slot_ids is not None and item_slot_ids.shape[1]:
+            inputs_embeds = self._inject(inputs_embeds, input_ids == config.item_slot_token_id, item_slot_ids,
+                                         self.item_table(item_slot_ids))
+        return inputs_embeds
+
+    def _inject(self, inputs_embeds, slot_mask, slot_ids, vectors) -> torch.Tensor:
+        """Replace the slot tokens (`slot_mask` [B, T]) by the projected vectors [B, S, d] of the non-zero
+        `slot_ids` [B, S], in order of appearance (counts were checked by `check_batch`)."""
+        present_first = torch.argsort((slot_ids == 0).flatten().to(torch.int8), stable=True)
+        soft_tokens = self.projector(vectors.reshape(-1, vectors.shape[-1])[present_first])
+        soft_tokens = soft_tokens.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), soft_tokens)
+
+    # ---------------------------------------------------------------------------------- forward
+
+    @functools.cached_property
+    def cache_name(self) -> str:
+        """The key/value cache's argument name of the decoder (`cache` in transformers 5.2x)."""
+        return cache_argument_name(self.language_model.base_model)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        user_slot_ids: torch.LongTensor | None = None,
+        item_slot_ids: torch.LongTensor | None = None,
+        history_item_ids: torch.LongTensor | None = None,
+        user_ids: torch.LongTensor | None = None,
+        routing_weights: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        check_inputs: bool = True,
+        **kwargs,
+    ) -> ThinkRecModelOutput:
+        r"""
+        input_ids / attention_mask: [B, T]; slot tokens are found in `input_ids` (left padding, prompt +
+            completion concatenation and decode steps without slots all work).
+        user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecModel.embed_prompt`].
+        user_ids: [B] CF user ids that route rows to experts (SASRec routes by `history_item_ids`).
+        routing_weights: [B, G + 1] expert weights to use instead of routing by `user_ids`.
+        position_ids: default, from the mask (left padding: positions count real tokens only).
+        check_inputs: run `check_batch` on the CF inputs (one host sync); off when the caller checked them.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        routes = self.has_experts and routing_weights is None
+        if check_inputs:
+            check_batch(self.config, self.router, input_ids=input_ids, user_slot_ids=user_slot_ids,
+                        item_slot_ids=item_slot_ids, history_item_ids=history_item_ids, user_ids=user_ids, routes=routes)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids, check_inputs=False)
+        cache = cache if cache is not None else past_key_values
+        if attention_mask is None and cache is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None and attention_mask is not None and cache is None:
+            # Left padding: positions count real tokens only, so a row's positions do not depend on
+            # how much padding the other rows forced on it.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # With a cache and no mask (GenerationMixin drops an all-ones mask), the decoder builds both from
+        # the cache: a mask made here would cover the new tokens only and hide the cached ones.
+        if routes:
+            routing_weights = self.route(user_ids, history_item_ids, check_inputs=False)
+        if self.has_experts:
+            self.routing_state.weights = routing_weights
+        outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                 position_ids=position_ids,
+                                                 **cache_kwargs(self.cache_name, cache, use_cache), **kwargs)
+        return ThinkRecModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            routing_weights=routing_weights,
+            # Under the one name this transformers release reads back into the next generation step.
+            **{self.cache_name: output_cache(outputs)},
+        )
+
+
+class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
+    """
+    A causal LM recommender: [`ThinkRecModel`] (`self.model`: prompt embedding, CF vectors at the slot
+    tokens, expert routing, decoder) and the LM's output head, with the mixed recommendation / reasoning
+    losses and scoring. The score is read at the last prompt position (prompts are left-padded, so it is
+    the same column for every row).
+
+    Build one from a pretrained LM with [`ThinkRecForCausalLM.from_language_model`]; reload with
+    `from_pretrained` (or `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`).
+    """
+
+    # The loss is a per-row mean averaged over the batch, not a sum normalised by the number of items
+    # in the accumulated batch, so Trainer must divide it by the accumulation steps itself.
+    accepts_loss_kwargs = False
+    prompt_length = staticmethod(prompt_length)
+
+    def __init__(self, config: ThinkRecConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = ThinkRecModel(config, language_model)
+        self.post_init()
+
+    # The backbone's parts, where callers found them before the backbone was its own module (as LLaVA does).
+    language_model = property(lambda self: self.model.language_model, doc="The wrapped causal LM (decoder and head).")
+    projector = property(lambda self: self.model.projector)
+    user_table = property(lambda self: self.model.user_table)
+    item_table = property(lambda self: self.model.item_table)
+    sequence_encoder = property(lambda self: self.model.sequence_encoder)
+    router = property(lambda self: self.model.router)
+    routing_state = property(lambda self: self.model.routing_state)
 
     # ----------------------------------------------------------------------------------------- build
 
@@ -251,41 +507,20 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         model.generation_config = generation_config or default_generation_config(tokenizer, config)
         return model
 
-    @torch.no_grad()
     def load_cf_tables(self, cf_checkpoint) -> None:
         """Copy the frozen user/item tables (and SASRec encoder) of a `CFCheckpoint` into the model."""
-        config = self.config
-        if cf_checkpoint.model_type != config.cf_model_type:
-            raise ValueError(
-                f"CF checkpoint is {cf_checkpoint.model_type!r} but the model was built for {config.cf_model_type!r}."
-            )
-        expected = (config.num_items, config.cf_embedding_dim)
-        if tuple(cf_checkpoint.item_table.shape) != expected:
-            raise ValueError(f"CF item_table: expected shape {expected}, found {tuple(cf_checkpoint.item_table.shape)}.")
-        self.item_table.weight.copy_(cf_checkpoint.item_table)
-        if config.cf_model_type == "sasrec":
-            self.sequence_encoder.load_state_dict(cf_checkpoint.sequence_encoder.state_dict())
-        else:
-            expected = (config.num_users, config.cf_embedding_dim)
-            if tuple(cf_checkpoint.user_table.shape) != expected:
-                raise ValueError(
-                    f"CF user_table: expected shape {expected}, found {tuple(cf_checkpoint.user_table.shape)}."
-                )
-            self.user_table.weight.copy_(cf_checkpoint.user_table)
-        self._freeze_collaborative_modules()
+        self.model.load_cf_tables(cf_checkpoint)
 
     # ------------------------------------------------------------------------------ save and load
 
-    def _is_base_weight(self, name: str) -> bool:
-        """True for a weight of the frozen backbone (everything under the LM except its adapters)."""
-        return name.startswith("language_model.") and "lora_" not in name
-
     def trained_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds beyond the base: adapters, projector, CF tables, router, and the
-        embedding rows of the added tokens. `state_dict` (e.g. gathered by Trainer under ZeRO-3 / FSDP)
-        defaults to this model's."""
+        """What a checkpoint holds beyond the base: adapters, projector, CF tables, router (named as in
+        [`ThinkRecModel`], the layout every small checkpoint has had), and the embedding rows of the added
+        tokens. `state_dict` (e.g. gathered by Trainer under ZeRO-3 / FSDP) defaults to this model's."""
         state_dict = self.state_dict() if state_dict is None else state_dict
-        trained = {name: tensor for name, tensor in state_dict.items() if not self._is_base_weight(name)}
+        prefix = self.base_model_prefix + "."
+        trained = {name.removeprefix(prefix): tensor for name, tensor in state_dict.items()
+                   if not ThinkRecModel.is_base_weight(name.removeprefix(prefix))}
         base_vocab = self.config.base_vocab_size
         input_name = next(n for n, p in self.named_parameters() if p is self.get_input_embeddings().weight)
         trained[ADDED_INPUT_ROWS] = state_dict[input_name][base_vocab:]
@@ -328,7 +563,9 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         """Load a checkpoint. A small one (`thinkrec_weights.safetensors`) rebuilds the base from
         `config.base_model_name_or_path` (override it with `base_model_name_or_path=`) with the given
         `dtype` / `quantization_config` / `device_map` / `attn_implementation` (a 4-bit base is loaded
-        4-bit again unless told otherwise), then applies the saved parts; a full one loads as usual."""
+        4-bit again unless told otherwise), then applies the saved parts; a full one loads as usual (one
+        saved before the backbone was `self.model`, with no `model.` prefix, too: transformers adds the
+        base-model prefix a key lacks)."""
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         weights_file = cached_file(pretrained_model_name_or_path, TRAINED_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
                                    **hub_kwargs)
@@ -385,13 +622,13 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
                     raise ValueError(f"{path}: {rows.shape[0]} added {key} rows do not fit a vocabulary of {weight.shape[0]} "
                                      f"(base {base_vocab}).")
                 weight[base_vocab:] = rows.to(device=weight.device, dtype=weight.dtype)
-        own = {name for name in self.state_dict() if not self._is_base_weight(name)}
+        own = {name for name in self.model.state_dict() if not ThinkRecModel.is_base_weight(name)}
         missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
         if missing or unexpected:
             raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
                              f"({len(missing)} / {len(unexpected)} in all).")
-        self.load_state_dict(saved, strict=False)
-        self._freeze_collaborative_modules()
+        self.model.load_state_dict(saved, strict=False)
+        self.model.freeze_collaborative_modules()
         device = self.get_input_embeddings().weight.device
         for module in (self.projector, self.user_table, self.item_table, self.sequence_encoder, self.router):
             if module is not None:
@@ -415,14 +652,8 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             "lora_dropout": lora_dropout,
             "target_modules": list(target_modules),
         }
-        self._inject_lora(lora_config)
+        self.model.inject_lora(lora_config)
         self.config.lora_config = lora_config
-
-    def _inject_lora(self, lora_config: dict) -> None:
-        inject_adapter_in_model(LoraConfig(bias="none", **lora_config), self.language_model)
-        for name, parameter in self.language_model.named_parameters():
-            if "lora_" in name:
-                parameter.data = parameter.data.float()
 
     @property
     def has_lora(self) -> bool:
@@ -430,7 +661,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
 
     @property
     def has_experts(self) -> bool:
-        return self.router is not None
+        return self.model.has_experts
 
     def add_experts(
         self,
@@ -463,42 +694,19 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             self.config.routing_rule = routing_rule
         try:
             self.config._check_settings()
-            self._inject_experts()
+            self.model.inject_experts()
         except ValueError:
             self.config.num_experts, self.config.expert_layers, self.config.routing_rule = previous
             raise
         self.router.set_clusters(scaler_mean, scaler_scale, centroids)
         self.router.to(self.device)
 
-    def _inject_experts(self) -> None:
-        config = self.config
-        self.router = UserRouter(config.num_experts, config.cf_embedding_dim)
-        self.routing_state = inject_experts(self.language_model, config.num_experts + 1, config.expert_layers)
-
     def route(self, user_ids: torch.LongTensor | None = None, history_item_ids: torch.LongTensor | None = None) -> torch.Tensor:
         """Expert weights [B, G + 1] of each row (the last column is the general expert) under
         `config.routing_rule`, from the row's CF user vector (table row, or SASRec history encoding)."""
         if not self.has_experts:
             raise ValueError("The model has no experts to route to.")
-        self._validate(user_ids=user_ids, history_item_ids=history_item_ids, routes=True)
-        return self._route(user_ids, history_item_ids)
-
-    def _route(self, user_ids, history_item_ids) -> torch.Tensor:
-        """`route` without its checks (forward checks all its inputs at once)."""
-        config = self.config
-        if config.cf_model_type == "sasrec":
-            vectors = self.sequence_encoder.encode(history_item_ids)
-        else:
-            vectors = self.user_table(user_ids)
-        return self.router(
-            vectors,
-            rule=config.routing_rule,
-            temperature=config.routing_temperature,
-            confidence_base=config.routing_confidence_base,
-            confidence_scale=config.routing_confidence_scale,
-            entropy_fraction=config.routing_entropy_fraction,
-            check=False,
-        )
+        return self.model.route(user_ids, history_item_ids)
 
     def set_training_stage(self, stage: str, train_projector: bool = False) -> list[str]:
         """Make only the parameters of `stage` trainable: "lora" (LoRA only), "projector" (projector only),
@@ -507,6 +715,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         of the trainable parameters."""
         if stage not in TRAINING_STAGES:
             raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}.")
+        projector_prefix, lm_prefix = "model.projector.", "model.language_model."
         if stage == "experts":
             if not self.has_experts:
                 raise ValueError("stage 'experts' trains the experts but the model has none; call add_experts() first.")
@@ -517,7 +726,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             for name, parameter in self.named_parameters():
                 module_name = name.rpartition(".")[0]
                 is_expert = module_name in expert_modules and name.rpartition(".")[2] in ("lora_A", "lora_B")
-                parameter.requires_grad_(is_expert or (train_projector and name.startswith("projector.")))
+                parameter.requires_grad_(is_expert or (train_projector and name.startswith(projector_prefix)))
                 if parameter.requires_grad:
                     trainable.append(name)
             return trainable
@@ -529,26 +738,12 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         train_projector = stage in ("projector", "joint")
         trainable = []
         for name, parameter in self.named_parameters():
-            is_lora = name.startswith("language_model.") and "lora_" in name
-            is_projector = name.startswith("projector.")
+            is_lora = name.startswith(lm_prefix) and "lora_" in name
+            is_projector = name.startswith(projector_prefix)
             parameter.requires_grad_((is_lora and train_lora) or (is_projector and train_projector))
             if parameter.requires_grad:
                 trainable.append(name)
         return trainable
-
-    def _freeze_collaborative_modules(self) -> None:
-        for module in (self.user_table, self.item_table, self.sequence_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        if self.sequence_encoder is not None:
-            self.sequence_encoder.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # The CF encoder is frozen: its dropout must stay off while the LM trains.
-        if self.sequence_encoder is not None:
-            self.sequence_encoder.eval()
-        return self
 
     # ------------------------------------------------------------------------------- embeddings
 
@@ -567,175 +762,11 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def embed_prompt(
-        self,
-        input_ids: torch.LongTensor,
-        user_slot_ids: torch.LongTensor | None = None,
-        item_slot_ids: torch.LongTensor | None = None,
-        history_item_ids: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings of `input_ids` with every slot token replaced by its projected CF vector.
-
-        `user_slot_ids` / `item_slot_ids`: [batch, max_slots] ids in order of appearance in each row,
-        right-padded with 0 (ids are 1-based). For SASRec, a user slot takes the encoding of the row's
-        `history_item_ids` ([batch, length], left-padded with 0) instead of a table row.
-        """
-        self._validate(input_ids=input_ids, user_slot_ids=user_slot_ids, item_slot_ids=item_slot_ids,
-                       history_item_ids=history_item_ids)
-        return self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
-
-    def _embed_prompt(self, input_ids, user_slot_ids, item_slot_ids, history_item_ids) -> torch.Tensor:
-        """`embed_prompt` without its checks. No host sync: every slot id (padding included) is looked up
-        and projected, present ones are moved first, and `masked_scatter` takes them in slot order."""
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        config = self.config
-        if config.cf_model_type == "none":
-            return inputs_embeds
-        if user_slot_ids is not None and user_slot_ids.shape[1]:
-            if config.cf_model_type == "sasrec":
-                # Every slot of a row holds that row's history encoding.
-                vectors = self.sequence_encoder.encode(history_item_ids)[:, None].expand(-1, user_slot_ids.shape[1], -1)
-            else:
-                vectors = self.user_table(user_slot_ids)
-            inputs_embeds = self._inject(inputs_embeds, input_ids == config.user_slot_token_id, user_slot_ids, vectors)
-        if item_slot_ids is not None and item_slot_ids.shape[1]:
-            inputs_embeds = self._inject(inputs_embeds, input_ids == config.item_slot_token_id, item_slot_ids,
-                                         self.item_table(item_slot_ids))
-        return inputs_embeds
-
-    def _inject(self, inputs_embeds, slot_mask, slot_ids, vectors) -> torch.Tensor:
-        """Replace the slot tokens (`slot_mask` [B, T]) by the projected vectors [B, S, d] of the non-zero
-        `slot_ids` [B, S], in order of appearance (counts were checked by `_validate`)."""
-        present_first = torch.argsort((slot_ids == 0).flatten().to(torch.int8), stable=True)
-        soft_tokens = self.projector(vectors.reshape(-1, vectors.shape[-1])[present_first])
-        soft_tokens = soft_tokens.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), soft_tokens)
-
-    # ---------------------------------------------------------------------------------- checks
-
-    def _validate(self, input_ids=None, attention_mask=None, labels=None, user_slot_ids=None, item_slot_ids=None,
-                  history_item_ids=None, user_ids=None, routes: bool = False, item_ids=None) -> None:
-        """Every per-row check of a batch, at the cost of one host sync on the happy path: each check is a
-        tensor flag paired with a function that names the row; the flags are reduced to one (LLaVA's one
-        numel comparison, for all of them at once), and only when it is set are the messages built.
-        `routes`: the batch is routed to experts; `item_ids`: CF scores are asked for."""
-        config = self.config
-        sasrec = config.cf_model_type == "sasrec"
-        for name, ids in (("user_slot_ids", user_slot_ids), ("item_slot_ids", item_slot_ids)):
-            if input_ids is not None and ids is not None and ids.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"{name}: expected {input_ids.shape[0]} rows like input_ids, found {ids.shape[0]}.")
-        reads_users = routes or item_ids is not None  # routing and CF scores read each row's user vector
-        has_user_slots = input_ids is not None and user_slot_ids is not None and user_slot_ids.shape[1] > 0
-        if sasrec and (reads_users or has_user_slots) and history_item_ids is None:
-            raise ValueError("SASRec user vectors (slots, routing, CF scores) need history_item_ids ([batch, length], "
-                             "left-padded with 0).")
-        if reads_users and not sasrec and user_ids is None:
-            raise ValueError("Routing and CF scores need user_ids (one CF user id per row; ThinkRecCollator provides them).")
-        checks = []
-
-        def id_range(name, ids, table_size):
-            bad = (ids < 0) | (ids >= table_size)
-
-            def explain():
-                index = bad.nonzero()[0].tolist()
-                raise ValueError(f"{name}: row {index[0]} holds id {ids[tuple(index)].item()}, outside the CF table "
-                                 f"(0..{table_size - 1}).")
-            checks.append((bad.any(), explain))
-
-        if input_ids is not None and config.cf_model_type == "none":
-            for kind, token_id in (("user", config.user_slot_token_id), ("item", config.item_slot_token_id)):
-                if token_id is None:
-                    continue
-                has_slot = (input_ids == token_id).any(-1)
-
-                def explain(kind=kind, has_slot=has_slot):
-                    raise ValueError(
-                        f"rows {has_slot.nonzero().flatten().tolist()}: {kind} slot tokens in a text-only model "
-                        "(cf_model_type='none') which has no CF vectors; use a template without id slots or build the "
-                        "model with a CF checkpoint."
-                    )
-                checks.append((has_slot.any(), explain))
-        elif input_ids is not None:
-            for kind, token_id, slot_ids in (("user", config.user_slot_token_id, user_slot_ids),
-                                             ("item", config.item_slot_token_id, item_slot_ids)):
-                slots_per_row = (input_ids == token_id).sum(-1)
-                ids_per_row = torch.zeros_like(slots_per_row) if slot_ids is None else (slot_ids != 0).sum(-1)
-                mismatched = slots_per_row != ids_per_row * config.tokens_per_id
-
-                def explain(kind=kind, slots_per_row=slots_per_row, ids_per_row=ids_per_row, mismatched=mismatched):
-                    rows = mismatched.nonzero().flatten()
-                    row = rows[0].item()
-                    per_id = f" x {config.tokens_per_id} tokens per id" if config.tokens_per_id > 1 else ""
-                    raise ValueError(
-                        f"row {row}: {slots_per_row[row].item()} {kind} slots but {ids_per_row[row].item()} {kind} ids"
-                        f"{per_id} ({rows.numel()} mismatched rows)."
-                    )
-                checks.append((mismatched.any(), explain))
-            if user_slot_ids is not None and not sasrec:
-                id_range("user_slot_ids", user_slot_ids, config.num_users)
-            if item_slot_ids is not None:
-                id_range("item_slot_ids", item_slot_ids, config.num_items)
-        if sasrec and (reads_users or has_user_slots):
-            id_range("history_item_ids", history_item_ids, config.num_items)
-        if reads_users and not sasrec:
-            id_range("user_ids", user_ids, config.num_users)
-            if routes:
-                padding = user_ids == 0
-
-                def explain():
-                    raise ValueError(f"user_ids: row {padding.nonzero()[0].item()} holds the padding id 0, which has no "
-                                     "CF vector to route by.")
-                checks.append((padding.any(), explain))
-        if item_ids is not None:
-            id_range("item_ids", item_ids, config.num_items)
-        if routes:
-            checks.append((self.router.has_no_centroids(), self.router.check_centroids))
-        if labels is not None:
-            has_label = labels != IGNORE_INDEX
-            first = has_label.int().argmax(-1)
-            checks.append((~has_label.any(-1).all() | (first != first[0]).any(), lambda: self.prompt_length(labels)))
-        elif attention_mask is not None:
-            last_is_padding = attention_mask[:, -1] == 0
-
-            def explain():
-                raise ValueError(
-                    f"row {last_is_padding.nonzero()[0].item()}: the last column is padding, so the score would be read "
-                    "at a pad token; prompts must be left-padded (ThinkRecCollator and ThinkRecProcessor do this; a "
-                    "tokenizer needs padding_side='left')."
-                )
-            checks.append((last_is_padding.any(), explain))
-        if checks and bool(torch.stack([flag for flag, _ in checks]).any()):  # the one host sync
-            for flag, explain in checks:
-                if bool(flag):
-                    explain()
-            raise AssertionError("an input check flagged a problem it could not name")  # unreachable
+    def embed_prompt(self, input_ids, user_slot_ids=None, item_slot_ids=None, history_item_ids=None) -> torch.Tensor:
+        """Token embeddings with the slot tokens replaced by projected CF vectors ([`ThinkRecModel.embed_prompt`])."""
+        return self.model.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
 
     # ---------------------------------------------------------------------------------- forward
-
-    def _score_logits(self, position_logits: torch.Tensor) -> torch.Tensor:
-        """Score logit per row from vocabulary logits [batch, vocab] at the last prompt position."""
-        scores = position_logits[:, self.config.yes_token_id].float()
-        if self.config.score_type == "yes_no_log_odds":
-            scores = scores - position_logits[:, self.config.no_token_id].float()
-        return scores
-
-    @staticmethod
-    def prompt_length(labels: torch.LongTensor) -> int:
-        """Column of the first answer token, shared by all rows (prompts are left-padded to one length)."""
-        has_label = labels != IGNORE_INDEX
-        empty = (~has_label.any(-1)).nonzero().flatten()
-        if empty.numel():
-            raise ValueError(
-                f"row {empty[0].item()}: labels are all -100; every row needs its answer tokens and EOS as labels."
-            )
-        first = has_label.int().argmax(-1)
-        if (first != first[0]).any():
-            row = (first != first[0]).nonzero()[0].item()
-            raise ValueError(
-                f"row {row}: answer starts at column {first[row].item()} but row 0's at column {first[0].item()}; "
-                "prompts must be left-padded to one length (ThinkRecCollator does this)."
-            )
-        return int(first[0].item())
 
     def forward(
         self,
@@ -766,7 +797,7 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             read at the column before the first answer token, else at the last column.
         mode: [B] 0 = recommendation row, 1 = reasoning row (picks the row's loss weights).
         target_labels: [B] 1.0 liked / 0.0 not, the BCE target of the score.
-        user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecForCausalLM.embed_prompt`].
+        user_slot_ids / item_slot_ids / history_item_ids: CF ids, see [`~ThinkRecModel.embed_prompt`].
         user_ids / item_ids: CF ids of each row (metrics; `user_ids` also routes rows to experts).
         cache / past_key_values / use_cache: the LM's key/value cache, as `GenerationMixin` passes it.
         logits_to_keep: without labels, which positions get vocabulary logits (int: the last n; default 1).
@@ -778,6 +809,42 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
             (a user's candidates): see prefix_thinkrec.py. Answers, if the batch has them, are cut off.
             Same scores as without it; backbones whose attention takes no 4-D mask score per row.
         """
+        cache = cache if cache is not None else past_key_values
+        self._check_arguments(input_ids, inputs_embeds, labels, mode, target_labels, item_ids, cache, return_cf_scores,
+                              shared_prefix)
+        if shared_prefix and labels is not None:  # scores only: the answers are cut off
+            (input_ids, attention_mask), labels = self._prompts(input_ids, attention_mask, labels), None
+        # Every per-row check (slots, id ranges, routing ids, label layout, padding side) in one host sync.
+        item_ids = item_ids if return_cf_scores else None
+        check_batch(self.config, self.router, input_ids, attention_mask, labels, user_slot_ids, item_slot_ids,
+                    history_item_ids, user_ids, routes=self.has_experts, item_ids=item_ids)
+        if shared_prefix and self._sharing_problem is None:
+            return self._shared_prefix_output(input_ids, attention_mask, user_slot_ids, item_slot_ids, history_item_ids,
+                                              user_ids, item_ids)
+
+        cf_scores = self.model.cf_scores(user_ids, history_item_ids, item_ids) if return_cf_scores else None
+        served_by = self.model.route(user_ids, history_item_ids, check_inputs=False) if self.has_experts else None
+        inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                  "position_ids": position_ids, "user_slot_ids": user_slot_ids, "item_slot_ids": item_slot_ids,
+                  "history_item_ids": history_item_ids, "routing_weights": served_by}
+        rows, targets = (input_ids if input_ids is not None else inputs_embeds).shape[0], (labels, mode, target_labels)
+        if served_by is not None and labels is not None and self.training and self.config.train_general_expert:
+            inputs, targets = self._with_general_expert_rows(inputs, targets)
+        outputs = self.model(**inputs, cache=cache, use_cache=use_cache, check_inputs=False, **kwargs)
+
+        if labels is None:
+            logits = self._logits(outputs.last_hidden_state, 0 if return_logits else 1 if logits_to_keep is None else logits_to_keep)
+            scores, loss, bce_loss, lm_loss = self._score_logits(logits[:, -1]), None, None, None
+        else:
+            logits, (scores, loss, bce_loss, lm_loss) = self._answer_logits_and_losses(outputs.last_hidden_state, *targets,
+                                                                                      return_logits)
+        return ThinkRecOutput(loss=loss, scores=scores[:rows], bce_loss=bce_loss, lm_loss=lm_loss, logits=logits,
+                              cf_scores=cf_scores, routing_weights=served_by,
+                              **{self._cache_name: getattr(outputs, self._cache_name)})
+
+    def _check_arguments(self, input_ids, inputs_embeds, labels, mode, target_labels, item_ids, cache,
+                         return_cf_scores, shared_prefix) -> None:
+        """forward's checks of which arguments go together (no tensor is read)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if labels is not None and (mode is None or target_labels is None):
@@ -787,98 +854,69 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
         if shared_prefix:
             if self.training and torch.is_grad_enabled():
                 raise ValueError("shared_prefix scores rows; it computes no loss. Train without it.")
-            if inputs_embeds is not None or cache is not None or past_key_values is not None:
+            if inputs_embeds is not None or cache is not None:
                 raise ValueError("shared_prefix scores whole prompts from input_ids; it takes no inputs_embeds or cache.")
-            if labels is not None:
-                prompt_end = self.prompt_length(labels)
-                input_ids, labels = input_ids[:, :prompt_end], None
-                attention_mask = attention_mask[:, :prompt_end] if attention_mask is not None else None
-        # Every per-row check (slots, id ranges, routing ids, label layout, padding side) in one host sync.
-        self._validate(input_ids=input_ids, attention_mask=attention_mask, labels=labels, user_slot_ids=user_slot_ids,
-                       item_slot_ids=item_slot_ids, history_item_ids=history_item_ids, user_ids=user_ids,
-                       routes=self.has_experts, item_ids=item_ids if return_cf_scores else None)
-        if shared_prefix and self._sharing_problem is None:
-            return self._shared_prefix_output(input_ids, attention_mask, user_slot_ids, item_slot_ids, history_item_ids,
-                                              user_ids, item_ids if return_cf_scores else None)
-        if inputs_embeds is None:
-            inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
-        batch_size, sequence_length = inputs_embeds.shape[:2]
-        has_cache = cache is not None or past_key_values is not None
-        if attention_mask is None and not has_cache:
-            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=inputs_embeds.device)
-        if position_ids is None and attention_mask is not None and not has_cache:
-            # Left padding: positions count real tokens only, so a row's positions do not depend on
-            # how much padding the other rows forced on it.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # With a cache and no mask (GenerationMixin drops an all-ones mask), the LM builds both from the
-        # cache: a mask made here would cover the new tokens only and hide the cached ones.
 
-        cf_scores = self._cf_scores(user_ids, history_item_ids, item_ids) if return_cf_scores else None
-        routed_rows, served_by = batch_size, None
-        if self.has_experts:
-            routing_weights = served_by = self._route(user_ids, history_item_ids)
-            if labels is not None and self.training and self.config.train_general_expert:
-                # The general expert sees every row: the batch runs twice in one pass, once under the
-                # routing rule and once through the general expert alone.
-                general = torch.zeros_like(routing_weights)
-                general[:, -1] = 1.0
-                routing_weights = torch.cat([routing_weights, general])
-                inputs_embeds, attention_mask, position_ids, labels, mode, target_labels = (
-                    torch.cat([tensor, tensor]) for tensor in (inputs_embeds, attention_mask, position_ids, labels, mode, target_labels)
-                )
-                batch_size *= 2
-            self.routing_state.weights = routing_weights
+    def _prompts(self, input_ids, attention_mask, labels):
+        """`input_ids` and `attention_mask` cut at the first answer column: (input_ids, attention_mask)."""
+        prompt_end = self.prompt_length(labels)
+        return input_ids[:, :prompt_end], attention_mask[:, :prompt_end] if attention_mask is not None else None
 
-        lm_kwargs = self._cache_kwargs(cache if cache is not None else past_key_values, use_cache)
-        if labels is not None:
-            # Vocabulary logits only where they are used: the positions that predict an answer token.
-            # The first of them in each row is the last prompt position, where the score is read.
-            shifted_labels = labels[:, 1:]
-            answer_mask = shifted_labels != IGNORE_INDEX
-            predicts_answer = F.pad(answer_mask, (0, 1), value=False)
-            keep = 0 if return_logits else predicts_answer
-        else:
-            keep = 0 if return_logits else (1 if logits_to_keep is None else logits_to_keep)
-        logits, lm_cache = self._language_model_logits(inputs_embeds, attention_mask, position_ids, keep, lm_kwargs, kwargs)
-        full_logits = None
-        if return_logits:
-            full_logits = logits
-            logits = logits[predicts_answer] if labels is not None else logits[:, -1:]
-        elif labels is not None and logits.dim() == 3:
-            logits = logits[predicts_answer]
+    @staticmethod
+    def _with_general_expert_rows(inputs: dict, targets: tuple) -> tuple[dict, tuple]:
+        """The batch twice, so that the general expert sees every row: once under the routing rule, once
+        through the general expert alone."""
+        routed = inputs["routing_weights"]
+        general = torch.zeros_like(routed)
+        general[:, -1] = 1.0
+        doubled = {name: None if tensor is None else torch.cat([tensor, tensor]) for name, tensor in inputs.items()}
+        doubled["routing_weights"] = torch.cat([routed, general])
+        return doubled, tuple(torch.cat([tensor, tensor]) for tensor in targets)
 
-        loss = bce_loss = lm_loss = None
-        if labels is None:
-            scores = self._score_logits(logits[:, -1])
-            full_logits = logits if full_logits is None else full_logits
-        else:
-            # `logits` is [n_answer_tokens, vocab], rows in batch order; each row's first entry is its score position.
-            tokens_per_row = predicts_answer.sum(-1)
-            row_of_token = torch.repeat_interleave(torch.arange(batch_size, device=logits.device), tokens_per_row,
-                                                   output_size=logits.shape[0])
-            first_token = tokens_per_row.cumsum(0) - tokens_per_row
-            scores = self._score_logits(logits[first_token])
-            bce_loss = F.binary_cross_entropy_with_logits(scores, target_labels.float(), reduction="none")
-            token_loss = F.cross_entropy(logits.float(), shifted_labels[answer_mask], reduction="none")
-            lm_loss = torch.zeros(batch_size, dtype=token_loss.dtype, device=token_loss.device)
-            lm_loss = lm_loss.index_add(0, row_of_token, token_loss) / tokens_per_row
-            is_reason = mode == MODE_REASON
-            config = self.config
-            bce_weight = torch.where(is_reason, config.reason_bce_weight, config.rec_bce_weight)
-            lm_weight = torch.where(is_reason, config.reason_lm_weight, config.rec_lm_weight)
-            loss = (bce_weight * bce_loss + lm_weight * lm_loss).mean()
+    def _logits(self, hidden_states: torch.Tensor, keep) -> torch.Tensor:
+        """Vocabulary logits of the kept positions (`keep` as transformers' `logits_to_keep`, see
+        decoder_thinkrec.keep_positions), capped as the LM caps them (`final_logit_softcapping`)."""
+        logits = self.get_output_embeddings()(keep_positions(hidden_states, keep))
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
 
-        return ThinkRecOutput(
-            loss=loss,
-            scores=scores[:routed_rows],
-            bce_loss=bce_loss,
-            lm_loss=lm_loss,
-            logits=full_logits,
-            cf_scores=cf_scores,
-            routing_weights=served_by,
-            # Under the one name this transformers release reads back into the next generation step.
-            **{self._cache_name: lm_cache},
-        )
+    def _score_logits(self, position_logits: torch.Tensor) -> torch.Tensor:
+        """Score logit per row from vocabulary logits [batch, vocab] at the last prompt position."""
+        scores = position_logits[:, self.config.yes_token_id].float()
+        if self.config.score_type == "yes_no_log_odds":
+            scores = scores - position_logits[:, self.config.no_token_id].float()
+        return scores
+
+    def _answer_logits_and_losses(self, hidden_states, labels, mode, target_labels, return_logits):
+        """(returned logits, (scores, loss, bce_loss, lm_loss)) of a batch with answers. Vocabulary logits are
+        computed only where they are used: the positions that predict an answer token, the first of which
+        in each row is the last prompt position, where the score is read (all of them with `return_logits`)."""
+        shifted_labels = labels[:, 1:]
+        answer_mask = shifted_labels != IGNORE_INDEX
+        predicts_answer = F.pad(answer_mask, (0, 1), value=False)
+        full_logits = self._logits(hidden_states, 0) if return_logits else None
+        logits = full_logits[predicts_answer] if return_logits else self._logits(hidden_states, predicts_answer)
+        # `logits` is [n_answer_tokens, vocab], rows in batch order; each row's first entry is its score position.
+        batch_size = labels.shape[0]
+        tokens_per_row = predicts_answer.sum(-1)
+        row_of_token = torch.repeat_interleave(torch.arange(batch_size, device=logits.device), tokens_per_row,
+                                               output_size=logits.shape[0])
+        first_token = tokens_per_row.cumsum(0) - tokens_per_row
+        scores = self._score_logits(logits[first_token])
+        bce_loss = F.binary_cross_entropy_with_logits(scores, target_labels.float(), reduction="none")
+        token_loss = F.cross_entropy(logits.float(), shifted_labels[answer_mask], reduction="none")
+        lm_loss = torch.zeros(batch_size, dtype=token_loss.dtype, device=token_loss.device)
+        lm_loss = lm_loss.index_add(0, row_of_token, token_loss) / tokens_per_row
+        is_reason = mode == MODE_REASON
+        config = self.config
+        bce_weight = torch.where(is_reason, config.reason_bce_weight, config.rec_bce_weight)
+        lm_weight = torch.where(is_reason, config.reason_lm_weight, config.rec_lm_weight)
+        loss = (bce_weight * bce_loss + lm_weight * lm_loss).mean()
+        return full_logits, (scores, loss, bce_loss, lm_loss)
+
+    @property
+    def _cache_name(self) -> str:
+        return self.model.cache_name
 
     # Suffix tokens per packed row of shared-prefix scoring (see prefix_thinkrec.py).
     packed_row_tokens: int = PACKED_ROW_TOKENS
@@ -893,82 +931,35 @@ class ThinkRecForCausalLM(ThinkRecPreTrainedModel, GenerationMixin):
 
     def _shared_prefix_output(self, input_ids, attention_mask, user_slot_ids, item_slot_ids, history_item_ids,
                               user_ids, item_ids) -> ThinkRecOutput:
-        """Scores of left- or right-padded prompts from two LM passes: the groups' shared prefixes into a
-        cache, then every row's remaining tokens packed one row per group (prefix_thinkrec.py). Inputs
-        were checked by forward."""
+        """Scores of left- or right-padded prompts from two backbone passes: the groups' shared prefixes
+        into a cache, then every row's remaining tokens packed one row per group (prefix_thinkrec.py).
+        Inputs were checked by forward."""
         config = self.config
-        inputs_embeds = self._embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids)
+        inputs_embeds = self.model.embed_prompt(input_ids, user_slot_ids, item_slot_ids, history_item_ids,
+                                                check_inputs=False)
         codes, real_columns = token_codes(input_ids, attention_mask, [(config.user_slot_token_id, user_slot_ids),
                                                                       (config.item_slot_token_id, item_slot_ids)])
         sasrec = config.cf_model_type == "sasrec" and history_item_ids is not None
         histories = history_item_ids.tolist() if sasrec else None
-        routing = self._route(user_ids, history_item_ids) if self.has_experts else None
+        routing = self.model.route(user_ids, history_item_ids, check_inputs=False) if self.has_experts else None
         routes = routing.tolist() if routing is not None else None
         keys = [(tuple(histories[row]) if sasrec else None, tuple(routes[row]) if routes is not None else None)
                 for row in range(len(codes))]
         packed = pack(inputs_embeds, real_columns, plan_groups(codes, keys), self.packed_row_tokens)
-        if routing is not None:
-            self.routing_state.weights = routing[packed.first_rows]
-        _, cache = self._language_model_logits(packed.prefix_embeds, packed.prefix_mask, packed.prefix_positions, 1,
-                                               self._cache_kwargs(None, True), {})
+        prefix_routing = routing[packed.first_rows] if routing is not None else None
+        prefix = self.model(inputs_embeds=packed.prefix_embeds, attention_mask=packed.prefix_mask,
+                            position_ids=packed.prefix_positions, routing_weights=prefix_routing, use_cache=True,
+                            check_inputs=False)
+        cache = output_cache(prefix)
         cache.batch_select_indices(packed.chunk_groups)  # one cache row per packed row
-        if routing is not None:
-            self.routing_state.weights = routing[packed.first_rows][packed.chunk_groups]
-        logits, _ = self._language_model_logits(packed.suffix_embeds, packed.suffix_mask, packed.suffix_positions,
-                                                packed.score_positions, self._cache_kwargs(cache, True), {})
+        suffix = self.model(inputs_embeds=packed.suffix_embeds, attention_mask=packed.suffix_mask,
+                            position_ids=packed.suffix_positions, cache=cache, use_cache=True, check_inputs=False,
+                            routing_weights=prefix_routing[packed.chunk_groups] if routing is not None else None)
+        logits = self._logits(suffix.last_hidden_state, packed.score_positions)
         scores = torch.empty(input_ids.shape[0], dtype=torch.float32, device=logits.device)
         scores[packed.score_rows] = self._score_logits(logits)
-        cf_scores = self._cf_scores(user_ids, history_item_ids, item_ids) if item_ids is not None else None
+        cf_scores = self.model.cf_scores(user_ids, history_item_ids, item_ids) if item_ids is not None else None
         return ThinkRecOutput(scores=scores, cf_scores=cf_scores, routing_weights=routing)
-
-    def _cf_scores(self, user_ids, history_item_ids, item_ids) -> torch.Tensor:
-        """The CF model's score of each row: its user vector (table row, or the SASRec encoding of the
-        liked history) · the target item's vector, in float32."""
-        if self.config.cf_model_type == "sasrec":
-            users = self.sequence_encoder.encode(history_item_ids)
-        else:
-            users = self.user_table(user_ids)
-        return (users.float() * self.item_table(item_ids).float()).sum(-1)
-
-    @functools.cached_property
-    def _lm_forward_parameters(self) -> frozenset:
-        return frozenset(inspect.signature(type(self.language_model).forward).parameters)
-
-    @functools.cached_property
-    def _lm_keeps_logit_rows(self) -> bool:
-        """Whether the LM's forward takes a boolean [batch, seq] `logits_to_keep` (transformers models that
-        slice with `slice_logits_to_keep` do; remote-code or older LMs may not)."""
-        try:
-            return "slice_logits_to_keep" in inspect.getsource(type(self.language_model).forward)
-        except (OSError, TypeError):
-            return False
-
-    @property
-    def _cache_name(self) -> str:
-        """The key/value cache's argument name: `cache` in transformers 5.2x, `past_key_values` before."""
-        return "cache" if "cache" in self._lm_forward_parameters else "past_key_values"
-
-    def _cache_kwargs(self, cache, use_cache) -> dict:
-        kwargs = {"use_cache": bool(use_cache)}
-        if cache is not None:
-            kwargs[self._cache_name] = cache
-        return kwargs
-
-    def _language_model_logits(self, inputs_embeds, attention_mask, position_ids, keep, lm_kwargs, kwargs):
-        """Vocabulary logits at the kept positions: an int keeps the last n columns ([B, n, V]), a boolean
-        [B, T] mask keeps those positions ([n_kept, V]). A backbone that cannot slice by a mask itself
-        gets its rows computed from the decoder's hidden states and the output head."""
-        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
-                  **lm_kwargs, **kwargs}
-        is_mask = isinstance(keep, torch.Tensor)
-        if (not is_mask and "logits_to_keep" in self._lm_forward_parameters) or (is_mask and self._lm_keeps_logit_rows):
-            outputs = self.language_model(**inputs, logits_to_keep=keep)
-            return outputs.logits, getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
-        outputs = self.language_model.base_model(**inputs)
-        hidden_states = outputs.last_hidden_state
-        hidden_states = hidden_states[keep] if is_mask else (hidden_states[:, -keep:] if keep else hidden_states)
-        logits = self.language_model.get_output_embeddings()(hidden_states)
-        return logits, getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
 
     def prepare_inputs_for_generation(self, input_ids, *args, user_slot_ids=None, item_slot_ids=None, **kwargs):
         """GenerationMixin's inputs, with the CF slot ids on the first step only: later steps feed the
@@ -1077,6 +1068,8 @@ AutoModelForCausalLM.register(ThinkRecConfig, ThinkRecForCausalLM, exist_ok=True
 
 __all__ = [
     "ThinkRecForCausalLM",
+    "ThinkRecModel",
+    "ThinkRecModelOutput",
     "ThinkRecOutput",
     "ThinkRecPreTrainedModel",
     "ThinkRecProjector",

@@ -143,7 +143,7 @@ def test_gradient_accumulation_through_trainer_equals_one_big_batch(tmp_path):
     big = trainer_gradients(tmp_path, 4, 1, records)
     accumulated = trainer_gradients(tmp_path, 2, 2, records)
     assert big and set(big) == set(accumulated)
-    assert any(name.startswith("projector.") for name in big)
+    assert any(name.startswith("model.projector.") for name in big)
     assert any("lora_A" in name for name in big)
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -216,7 +216,7 @@ def test_training_stages_freeze_the_right_parameters():
     model, _ = make_model("mf")
     groups = {
         "lora": lambda name: "lora_" in name,
-        "projector": lambda name: name.startswith("projector."),
+        "projector": lambda name: name.startswith("model.projector."),
     }
     for stage, expected in (("lora", {"lora"}), ("projector", {"projector"}), ("joint", {"lora", "projector"})):
         trainable = set(model.set_training_stage(stage))
@@ -227,7 +227,7 @@ def test_training_stages_freeze_the_right_parameters():
             assert (names <= trainable) == (group in expected), (stage, group)
         frozen = {name for name, _ in model.named_parameters() if not any(m(name) for m in groups.values())}
         assert not frozen & trainable
-        assert any("base_layer" in name for name in frozen) and "user_table.weight" in frozen
+        assert any("base_layer" in name for name in frozen) and "model.user_table.weight" in frozen
     with pytest.raises(ValueError, match="stage must be one of"):
         model.set_training_stage("all")
     no_lora, _ = make_model("mf", lora=False)
@@ -280,9 +280,9 @@ def test_bf16_backbone_keeps_projector_and_lora_in_float32(tmp_path, mf_model):
     model.save_pretrained(tmp_path)
     loaded = ThinkRecForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
-    assert dtypes["language_model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes["model.language_model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
     for name, dtype in dtypes.items():
-        if name.startswith(("projector.", "user_table", "item_table")) or "lora_" in name:
+        if name.startswith(("model.projector.", "model.user_table", "model.item_table")) or "lora_" in name:
             assert dtype == torch.float32, name
     loaded.set_training_stage("joint")
     loaded.train()
@@ -587,17 +587,19 @@ def test_generation_goes_through_generation_mixin_with_a_cache(architecture, row
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
-def test_answer_logits_without_a_mask_slicing_backbone_are_the_same(architecture, monkeypatch):
+def test_answer_logits_are_the_language_models_own(architecture):
+    """The head applied to the backbone's hidden states gives the wrapped causal LM's own logits."""
     model, tokenizer = _wrapped(architecture)
     batch = collate(tokenizer, make_records(4, seed=32), history_item_slots=True)
-    sliced = model(**batch)
-    # A backbone whose forward cannot take a boolean logits_to_keep: rows come from hidden states + head.
-    monkeypatch.setitem(model.__dict__, "_lm_keeps_logit_rows", False)
-    fallback = model(**batch)
-    torch.testing.assert_close(fallback.loss, sliced.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fallback.scores, sliced.scores, rtol=1e-5, atol=1e-6)
     full = model(**batch, return_logits=True)
+    with torch.no_grad():
+        embeds = model.embed_prompt(batch["input_ids"], batch["user_slot_ids"], batch["item_slot_ids"])
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        own = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions).logits
+    torch.testing.assert_close(full.logits, own, rtol=1e-5, atol=1e-5)
+    sliced = model(**batch)
     torch.testing.assert_close(full.loss, sliced.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.scores, sliced.scores, rtol=1e-5, atol=1e-6)
 
 
 def test_a_right_padded_prompt_batch_is_refused(mf_model):
