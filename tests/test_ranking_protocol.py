@@ -365,7 +365,8 @@ def test_a_ranking_run_reports_what_its_per_candidate_scores_give_next_to_the_cf
     for name, entry in versus["metrics"].items():
         assert entry["delta"] == pytest.approx(ranking[name] - ranking["cf_alone"][name], abs=1e-12)
     rerun = compare_predictions.main([str(output / "ranking_predictions.parquet"), str(output / "ranking_predictions.parquet"),
-                                      "--score_column_a", "cf_score", "--score_column_b", "logit", "--seed", str(seed)])
+                                      "--score_column_a", "cf_score", "--score_column_b", "logit", "--seed", str(seed),
+                                      "--metrics", ",".join(versus["metrics"])])
     assert_same_intervals({name: entry["ci95"] for name, entry in rerun["metrics"].items()},
                           {name: entry["ci95"] for name, entry in versus["metrics"].items()})
 
