@@ -29,7 +29,7 @@ from typing import Optional
 
 from thinkrec.data.readers import read_table_file
 from thinkrec.evaluation.metrics import CI_RESAMPLES, INTERVAL_METRICS, compare_prediction_frames, format_comparison, parse_interval_metric
-from thinkrec.evaluation.ranking import POOL_COLUMN, POOL_METRICS, compare_ranking_frames, format_pool_comparison, pool_metric_names
+from thinkrec.evaluation.ranking import POOL_COLUMN, POOL_METRICS, compare_ranking_frames, pool_metric_names
 from thinkrec.utils.arguments import parse_args, run_command
 from thinkrec.utils.errors import InputError
 from thinkrec.utils.files import json_text
@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if ranking[0]:
         comparison = compare_ranking_frames(*frames, args.predictions_a, args.predictions_b, column_a, column_b,
                                             pool_metric_names(args.metric_list) if args.metric_list else (), args.resamples, args.seed)
-        print(format_pool_comparison(comparison, title=title))
+        print(format_comparison(comparison, title=title))
     else:
         comparison = compare_prediction_frames(*frames, args.predictions_a, args.predictions_b, column_a, column_b,
                                                args.metric_list or ["auc", "uauc"], args.resamples, args.seed)

@@ -48,7 +48,15 @@ from thinkrec.collaborative.training import history_matrix
 from thinkrec.data.keywords import attach_keywords_to_dataset, item_keywords
 from thinkrec.data.nouns import item_nouns_from_metadata
 from thinkrec.data.records import check_same_records, load_candidates, load_items, load_records_dataset
-from thinkrec.evaluation.metrics import CI_RESAMPLES, compare_scores, compute_metrics, format_interval, format_metrics, interval_fields
+from thinkrec.evaluation.metrics import (
+    CI_RESAMPLES,
+    compare_scores,
+    compute_metrics,
+    format_comparison,
+    format_interval,
+    format_metrics,
+    interval_fields,
+)
 from thinkrec.evaluation.ranking import (
     POOL_COLUMN,
     TIES,
@@ -56,7 +64,6 @@ from thinkrec.evaluation.ranking import (
     candidate_rows,
     compare_pool_scores,
     describe_pools,
-    format_pool_comparison,
     format_ranking,
     pool_intervals,
     pool_metrics,
@@ -605,7 +612,7 @@ def ranking_results(pools: RankingPools, outputs: dict, model, cf, out: Path, se
     baseline = result.get("cf_alone")
     print(format_ranking(result, baseline, names=("this model", f"{baseline['model']} alone" if baseline else "")))
     if "vs_cf_alone" in result:
-        print(format_pool_comparison(result["vs_cf_alone"], title=f"this model - {baseline['model']} alone:"))
+        print(format_comparison(result["vs_cf_alone"], title=f"this model - {baseline['model']} alone:"))
     atomic_write(out / "ranking_predictions.parquet", lambda temp: predictions.to_parquet(temp, index=False))
     return strict_json(result)
 

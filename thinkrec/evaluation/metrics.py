@@ -683,9 +683,11 @@ def format_interval(value: Optional[float], ci95: Sequence[Optional[float]]) -> 
 
 
 def format_comparison(comparison: dict, title: Optional[str] = None) -> str:
-    """A readable table of :func:`compare_scores`: metric, A, B, delta = B - A, 95% interval, verdict."""
+    """A readable table of :func:`compare_scores` (or of the ranking protocol's ``compare_pool_scores``, counted in
+    pools): metric, A, B, delta = B - A, 95% interval, verdict."""
     lines = [] if title is None else [title]
-    lines.append(f"{comparison['rows']:,} rows of {comparison['users']:,} users; 95% intervals from a paired bootstrap over users "
+    counted = f"{comparison['pools']:,} pools" if "pools" in comparison else f"{comparison['rows']:,} rows"
+    lines.append(f"{counted} of {comparison['users']:,} users; 95% intervals from a paired bootstrap over users "
                  f"({comparison['resamples']:,} resamples, seed {comparison['seed']})")
     lines.append(f"{'metric':<14}{'A':>9}{'B':>9}{'Δ = B − A':>11}  {'95% interval':<20}  verdict")
     for name, entry in comparison["metrics"].items():

@@ -398,15 +398,3 @@ def compare_ranking_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a:
     comparison = compare_pool_scores(rows[POOL_COLUMN].to_numpy(), rows["UserID"].to_numpy(), rows["label"].to_numpy(),
                                      rows["score_a"].to_numpy(), rows["score_b"].to_numpy(), metrics, ks, resamples, seed, names)
     return {"rows": int(len(rows)), **comparison}
-
-
-def format_pool_comparison(comparison: dict, title: Optional[str] = None) -> str:
-    """A readable table of :func:`compare_pool_scores`: metric, A, B, delta = B - A, its 95% interval, verdict."""
-    lines = [] if title is None else [title]
-    lines.append(f"{comparison['pools']:,} pools of {comparison['users']:,} users; 95% intervals from a paired bootstrap "
-                 f"over users ({comparison['resamples']:,} resamples, seed {comparison['seed']})")
-    lines.append(f"{'metric':<10}{'A':>9}{'B':>9}{'Δ = B − A':>11}  {'95% interval':<20}  verdict")
-    for name, entry in comparison["metrics"].items():
-        lines.append(f"{name:<10}{_cell(entry['a']):>9}{_cell(entry['b']):>9}{_cell(entry['delta'], '+'):>11}  "
-                     f"{_bounds(entry['ci95']):<20}  {entry['verdict']}")
-    return "\n".join(lines)
